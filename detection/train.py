@@ -1,0 +1,242 @@
+"""The project's one training loop for labelled images (server warm-up, server epochs, baselines).
+
+Flat and readable, in the spirit of torchvision's detection ``engine.py``: shuffle, build a batch,
+forward, Ultralytics' detection loss (plus an optional regulariser), backward, clip, step. The
+semi-supervised client loop (``detection.semi``) reuses :func:`run_steps` with its own batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+import detection  # noqa: F401
+from ultralytics.utils.loss import v8DetectionLoss
+
+from detection.images import LetterboxCache, to_model_batch
+from detection.model import GROUPS, set_trainable_groups
+from detection.records import ImageRecord
+from detection.views import apply_view, derive_seed, strong_view, weak_view
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one local training call.
+
+    Parameters
+    ----------
+    imgsz : int
+        Square letterbox size.
+    batch_size : int
+        Images per optimiser step.
+    lr, momentum, weight_decay : float
+        SGD settings (the paper: constant lr 0.01; momentum and weight decay as Ultralytics).
+    epochs : int
+        Passes over the data; ``max_steps`` caps the number of optimiser steps instead when set.
+    warmup_steps : int
+        Linear learning-rate ramp at the start of the call (useful from scratch; 0 in rounds).
+    trainable : tuple of str
+        Parameter groups that train; the others are frozen with BatchNorm in eval mode.
+    augment : str
+        ``weak`` (flip), ``strong`` (the student's view) or ``none``.
+    seed : int
+        With ``seed_parts`` of the caller (round, node, ...) fixes shuffling and augmentation.
+    grad_clip : float
+        Max gradient norm (Ultralytics uses 10).
+    device : str
+        ``cpu``, ``cuda``, ``cuda:1``...
+    progress : bool
+        Show a rich progress bar over the steps.
+    """
+
+    imgsz: int = 160
+    batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_steps: int = 0
+    trainable: tuple[str, ...] = GROUPS
+    augment: str = "weak"
+    seed: int = 0
+    grad_clip: float = 10.0
+    device: str = "cpu"
+    progress: bool = False
+    description: str = "train"
+
+    def replace(self, **changes) -> "TrainConfig":
+        return TrainConfig(**{**asdict(self), **changes})
+
+
+@dataclass
+class TrainStats:
+    """What a training call did: steps, images seen, mean losses, time, and extra counters."""
+
+    steps: int = 0
+    images: int = 0
+    num_examples: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_metrics(self, prefix: str = "") -> dict[str, float]:
+        out = {f"{prefix}steps": float(self.steps), f"{prefix}images": float(self.images),
+               f"{prefix}seconds": self.seconds}
+        out.update({f"{prefix}loss_{k}": v for k, v in self.losses.items()})
+        out.update({f"{prefix}{k}": v for k, v in self.extra.items()})
+        return out
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, state: Mapping | None = None) -> torch.optim.SGD:
+    """SGD with Ultralytics' grouping: weight decay on conv/linear weights only, not on BatchNorm or biases."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_norm = isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm))
+            (no_decay if name == "bias" or is_norm else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    if state is not None:
+        opt.load_state_dict(dict(state))
+    return opt
+
+
+def progress_bar(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=True)
+
+
+def batches_per_epoch(n_items: int, batch_size: int) -> int:
+    """Full batches only (a 1-image BatchNorm batch is noise), but at least one batch."""
+    return max(1, n_items // batch_size)
+
+
+def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
+              make_batch: Callable[[np.ndarray, int], tuple[dict, dict[str, float]]],
+              loss_fn: Callable, regulariser: Callable[[], torch.Tensor] | None = None,
+              optimizer_state: Mapping | None = None, seed_parts: Sequence[int] = ()) -> tuple[TrainStats, dict]:
+    """The loop: shuffle ``n_items`` indices, batch, forward, loss, backward, step.
+
+    ``make_batch(indices, step)`` returns the model batch (Ultralytics' format) and per-batch
+    counters to sum; ``loss_fn(preds, batch)`` returns ``(loss, loss_items)``. Returns the stats
+    and the optimiser's state (for callers that keep it between calls).
+    """
+    device = torch.device(cfg.device)
+    model.to(device).train()
+    set_trainable_groups(model, cfg.trainable)
+    optimizer = build_optimizer(model, cfg, optimizer_state)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    per_epoch = batches_per_epoch(n_items, cfg.batch_size)
+    total = cfg.max_steps if cfg.max_steps is not None else per_epoch * cfg.epochs
+    rng = np.random.default_rng(derive_seed(cfg.seed, *seed_parts))
+    stats, sums, counters = TrainStats(num_examples=n_items), {}, {}
+    start = time.perf_counter()
+    order: np.ndarray = np.zeros(0, np.int64)
+    with progress_bar(cfg.progress) as bar:
+        task = bar.add_task(cfg.description, total=total, info="")
+        for step in range(total):
+            if len(order) < cfg.batch_size:
+                order = np.concatenate([order, rng.permutation(n_items)])
+            indices, order = order[:min(cfg.batch_size, n_items)], order[min(cfg.batch_size, n_items):]
+            batch, batch_counters = make_batch(indices, step)
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            preds = model(batch["img"])
+            loss, items = loss_fn(preds, batch)
+            loss = loss.sum()
+            if regulariser is not None:
+                reg = regulariser()
+                loss = loss + reg
+                items = {**items, "ortho": reg.detach()}
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{cfg.description}: non-finite loss at step {step} ({ {k: float(v) for k, v in items.items()} })")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            for k, v in items.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            for k, v in batch_counters.items():
+                counters[k] = counters.get(k, 0.0) + float(v)
+            stats.steps += 1
+            stats.images += len(indices)
+            bar.update(task, advance=1, info=" ".join(f"{k} {float(v):.3f}" for k, v in items.items()))
+    stats.seconds = time.perf_counter() - start
+    stats.losses = {k: v / max(1, stats.steps) for k, v in sums.items()}
+    stats.extra = counters
+    return stats, optimizer.state_dict()
+
+
+def _view(name: str):
+    if name == "weak":
+        return weak_view()
+    if name == "strong":
+        return strong_view()
+    if name == "none":
+        return None
+    raise ValueError(f"augment={name!r}: expected 'weak', 'strong' or 'none'")
+
+
+def train_labelled(model: torch.nn.Module, records: Sequence[ImageRecord], cfg: TrainConfig, *,
+                   optimizer_state: Mapping | None = None, regulariser: Callable[[], torch.Tensor] | None = None,
+                   cache: LetterboxCache | None = None, seed_parts: Iterable[int] = ()) -> tuple[TrainStats, dict]:
+    """Supervised training on labelled records with Ultralytics' detection loss.
+
+    Parameters
+    ----------
+    model : DetectionModel
+        Trained in place.
+    records : sequence of ImageRecord
+        Labelled images.
+    cfg : TrainConfig
+        Loop settings (epochs or steps, optimiser, trainable groups, augmentation).
+    optimizer_state : mapping, optional
+        State of a previous call's optimiser (momentum); fresh optimiser when None.
+    regulariser : callable, optional
+        Returns a differentiable scalar added to the loss (e.g. the orthogonality term).
+    cache : LetterboxCache, optional
+        Reuse letterboxed images across calls.
+    seed_parts : iterable of int
+        Extra seed parts (round, node, epoch) so each call draws its own shuffles and views.
+
+    Returns
+    -------
+    (TrainStats, dict)
+        Stats and the optimiser state.
+    """
+    if not records:
+        raise ValueError("train_labelled: no labelled images")
+    cache = cache if cache is not None and cache.imgsz == cfg.imgsz else LetterboxCache(cfg.imgsz)
+    seed_parts = tuple(seed_parts)
+    view = _view(cfg.augment)
+    loss_fn = v8DetectionLoss(model.to(cfg.device))
+
+    def make_batch(indices: np.ndarray, step: int):
+        images, classes, boxes = [], [], []
+        for i in indices:
+            r = records[int(i)]
+            image, b = cache.get(r.path), cache.boxes(r.path, r.boxes)
+            c = r.classes
+            if view is not None:
+                image, b, kept = apply_view(view, image, b, derive_seed(cfg.seed, *seed_parts, step, int(i)))
+                c = c[kept]
+            images.append(image)
+            classes.append(c)
+            boxes.append(b)
+        return to_model_batch(images, classes, boxes, cfg.device), {"boxes": float(sum(len(c) for c in classes))}
+
+    stats, opt_state = run_steps(model, len(records), cfg, make_batch, loss_fn, regulariser, optimizer_state, seed_parts)
+    stats.num_examples = len(records)
+    return stats, opt_state
