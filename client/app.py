@@ -1,0 +1,100 @@
+"""The Flower ClientApp: a FedSTO client.
+
+Handlers (message type -> what the client does):
+
+* ``query.partition``: report this node's partition id, domain and image count (the server
+  samples by partition id, since Flower's node ids are random per run);
+* ``evaluate.teacher``: the warm-up quality check, pseudo boxes per image the broadcast model
+  would produce on this client's images;
+* ``train``: one local round: load the broadcast (plus any local tensors the strategy keeps),
+  train the groups the instructions name on local-EMA-teacher pseudo labels, optionally evaluate
+  the personalised model on the own domain, reply with the upload keys only.
+
+The partition comes from ``context.node_config["partition-id"]`` (simulation sets it; a deployed
+SuperNode gets ``--node-config 'partition-id=N'``, optionally ``federation="/path"`` to read a
+local copy of the manifest).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import protocol
+from client.protocol import RoundInstructions
+from client.task import (ClientData, build_client_model, evaluate_personal, finite_metrics, node_partition,
+                         resolve_device, set_threads, teacher_check, train_round)
+from detection.model import get_state
+from strategies import get_strategy
+
+log = logging.getLogger("fedsto.client")
+
+app = ClientApp()
+
+# Metrics every train reply carries, so replies of one round always have the same keys.
+DEFAULT_REPLY_METRICS = ("steps_skipped", "images_skipped", "pseudo_images", "pseudo_reliable", "pseudo_uncertain")
+
+
+def _client_data(msg: Message, context: Context) -> ClientData:
+    pid, override = node_partition(context.node_config)
+    config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
+    manifest = override or config.get("federation")
+    if not manifest:
+        raise ValueError("no federation manifest: the server sent none and the node config has no 'federation'")
+    return ClientData.load(manifest, pid)
+
+
+@app.query("partition")
+def query_partition(msg: Message, context: Context) -> Message:
+    """Who am I: partition id, domain, number of images (no labels, no images leave the node)."""
+    data = _client_data(msg, context)
+    info = ConfigRecord({protocol.PARTITION_ID: data.partition_id, "domain": data.domain, "images": len(data.images),
+                         "federation": str(data.federation.path)})
+    return Message(RecordDict({protocol.INFO: info}), reply_to=msg)
+
+
+@app.evaluate("teacher")
+def evaluate_teacher(msg: Message, context: Context) -> Message:
+    """Warm-up quality check: pseudo boxes per image of the broadcast model on this client's images."""
+    ins = RoundInstructions.from_config(msg.content[protocol.CONFIG])
+    data = _client_data(msg, context)
+    set_threads(ins.threads)
+    device = resolve_device()
+    model = build_client_model(ins, data)
+    strategy = get_strategy(ins.strategy)
+    strategy.client_load(model, msg.content[protocol.ARRAYS].to_torch_state_dict(), context.state)
+    result = teacher_check(model, data, ins, device)
+    result[protocol.PARTITION_ID] = float(data.partition_id)
+    result[protocol.NUM_EXAMPLES] = float(len(data.images))
+    info = ConfigRecord({"domain": data.domain})
+    return Message(RecordDict({protocol.METRICS: MetricRecord(finite_metrics(result)), protocol.INFO: info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One local round (see the module docstring)."""
+    start = time.perf_counter()
+    ins = RoundInstructions.from_config(msg.content[protocol.CONFIG])
+    data = _client_data(msg, context)
+    threads = set_threads(ins.threads)
+    device = resolve_device()
+    strategy = get_strategy(ins.strategy)
+    model = build_client_model(ins, data)
+    strategy.client_load(model, msg.content[protocol.ARRAYS].to_torch_state_dict(), context.state)
+    stats = train_round(model, data, ins, strategy.client_regulariser(model, context.state), device)
+    strategy.client_keep(model, context.state)
+    metrics = {k: 0.0 for k in DEFAULT_REPLY_METRICS}
+    metrics.update(stats.as_metrics())
+    if ins.evaluate_personal:
+        metrics.update(evaluate_personal(model, data, ins.imgsz, device))
+    metrics.update({protocol.NUM_EXAMPLES: float(stats.num_examples), protocol.PARTITION_ID: float(data.partition_id),
+                    "threads": float(threads), "client_seconds": time.perf_counter() - start})
+    upload = ArrayRecord(get_state(model, strategy.upload_keys(model, ins.upload)))
+    info = ConfigRecord({"domain": data.domain, "phase": ins.phase})
+    log.info("partition %d round %d (%s): %d steps, %.1fs", data.partition_id, ins.server_round, ins.phase, stats.steps,
+             metrics["client_seconds"])
+    return Message(RecordDict({protocol.ARRAYS: upload, protocol.METRICS: MetricRecord(finite_metrics(metrics)),
+                               protocol.INFO: info}), reply_to=msg)

@@ -1,0 +1,330 @@
+"""The run configuration: typed, validated, from ``context.run_config``.
+
+Flower passes ``[tool.flwr.app.config]`` (merged with ``--run-config`` overrides) as a flat dict
+of scalars with kebab-case keys. :class:`RunConfig` turns it into one typed object that both the
+ServerApp and the ClientApp read, so a knob has one name, one type and one default. Defaults here
+are the paper's where it gives them (DESIGN.md, "FedSTO details"); pyproject's section repeats
+them and ``tests/test_server_config.py`` checks both agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from detection.ultralytics_env import fedsto_home
+
+METHODS = ("partial", "full", "ssfl", "fedsto-st", "fedsto")
+PSEUDO_MODES = ("soft", "ignore", "drop")
+ORTHO_FORMS = ("srip", "symmetric")
+
+
+class ConfigError(ValueError):
+    """A run-config value of the wrong type or out of range (the key is named)."""
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every knob of a federated run (keys in ``pyproject.toml`` are the field names in kebab-case).
+
+    Parameters
+    ----------
+    method : str
+        ``partial`` (server labels only, compute-matched), ``full`` (all labels: upper bound),
+        ``ssfl`` (all parameters every round, local EMA pseudo labels, no regulariser),
+        ``fedsto-st`` (warm-up + phase 1), ``fedsto`` (warm-up + phase 1 + phase 2).
+    strategy : str
+        Aggregation strategy: ``fedavg`` or a dotted ``package.module:Class``.
+    federation : str
+        Federation manifest (``federation.json`` or its folder). Relative paths are relative to
+        ``$FEDSTO_HOME`` (default ``~/.cache/fedsto``): the ServerApp's working directory is
+        wherever the SuperLink was started, so the cwd is never used.
+    synthetic_images : int
+        When > 0 and the manifest is missing, build a synthetic weather federation there with this
+        many scenes (server domain ``clear``; client domains ``synthetic_weathers``).
+    synthetic_weathers : str
+        Comma-separated weather domains of the synthetic federation.
+    synthetic_clients : int
+        Clients of the synthetic federation (simulation: ``num-supernodes`` must match).
+    synthetic_server_fraction, synthetic_test_fraction : float
+        Server and test shares of the synthetic federation.
+    synthetic_imgsz : int
+        Side of the synthetic scenes in pixels.
+    model : str
+        Ultralytics detection yaml (``yolo11n.yaml``, ``yolov5nu.yaml``, ...).
+    weights : str
+        Optional ``.pt`` to start from ("" = from scratch).
+    imgsz, batch_size, lr, momentum, weight_decay
+        Training settings shared by server and clients (paper: SGD, constant lr 0.01).
+    warmup_epochs : int
+        Supervised server epochs before round 1 (paper: 50).
+    warmup_lr_steps : int
+        Linear learning-rate ramp over the first optimiser steps of the warm-up (from scratch).
+    phase1_rounds, phase2_rounds : int
+        Rounds of selective backbone training and of full-parameter training with the
+        orthogonality regulariser (paper: 100 and 150). ``ssfl``, ``partial`` and ``full`` run
+        ``phase1_rounds + phase2_rounds`` rounds; ``fedsto-st`` runs ``phase1_rounds``.
+    local_epochs : int
+        Client epochs per round (paper: 1).
+    server_epochs : int
+        Supervised server epochs per round (paper: 1).
+    ema_decay : str
+        Local EMA teacher decay: a number (paper: 0.999) or ``auto`` (from the local step count).
+    tau_low, tau_high : float
+        Pseudo-label score thresholds (paper: 0.1, 0.6).
+    nms_conf, nms_iou : float
+        Teacher NMS settings (paper: 0.1, 0.65).
+    pseudo_mode : str
+        Uncertain boxes: ``soft`` targets, ``ignore`` in the class loss, or ``drop``.
+    min_reliable_boxes : int
+        Images with fewer reliable pseudo boxes are skipped (and counted).
+    ortho_lambda : float
+        Orthogonality coefficient in phase 2 (the paper gives none).
+    ortho_form : str
+        ``srip`` (smaller Gram) or ``symmetric`` (the paper's literal form).
+    fraction_train : float
+        Fraction of clients sampled per round (by partition id, seeded).
+    min_reply_fraction : float
+        A round with fewer successful replies than this fraction of the sampled clients fails the run.
+    round_timeout : float
+        Seconds to wait for the replies of a round.
+    discovery_timeout : float
+        Seconds to wait for every client to answer the partition query.
+    eval_every : int
+        Evaluate the server model (and the clients' personalised models) every N rounds; the last
+        round and the end of the warm-up are always evaluated.
+    eval_personal : bool
+        Ask clients to evaluate their locally trained model on their own domain in eval rounds.
+    weak_teacher_map50 : float
+        Warn loudly when the warm-up model's server-domain mAP50 is below this.
+    weak_teacher_density : float
+        Warn loudly when a client's reliable pseudo boxes per image fall below this fraction of
+        the server's labelled boxes per image.
+    seed : int
+        Fixes model init, sampling, shuffles and augmentations.
+    output_dir : str
+        Run directory. Relative paths go under ``$FEDSTO_HOME/runs``; "" = ``<method>-<date>-<time>``.
+    resume : str
+        A run directory to continue from its last checkpoint ("" = fresh run).
+    keep_checkpoints : int
+        Regular checkpoints kept (the best one is kept in addition).
+    device : str
+        ``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:1``...
+    server_threads, client_threads : int
+        Torch CPU threads (0 = all cores on the server, the Ray actor's CPUs on clients).
+    tensorboard, mlflow : bool
+        Also log to TensorBoard / MLflow when the package is installed (skipped quietly if not).
+    progress : bool
+        Rich progress bars in the server's output.
+    """
+
+    method: str = "fedsto"
+    strategy: str = "fedavg"
+    federation: str = "federations/synthetic-weather"
+    synthetic_images: int = 1600
+    synthetic_weathers: str = "rainy,foggy,night"
+    synthetic_clients: int = 3
+    synthetic_server_fraction: float = 0.25
+    synthetic_test_fraction: float = 0.15
+    synthetic_imgsz: int = 160
+    model: str = "yolo11n.yaml"
+    weights: str = ""
+    imgsz: int = 160
+    batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.937
+    weight_decay: float = 0.0005
+    warmup_epochs: int = 50
+    warmup_lr_steps: int = 50
+    phase1_rounds: int = 100
+    phase2_rounds: int = 150
+    local_epochs: int = 1
+    server_epochs: int = 1
+    ema_decay: str = "0.999"
+    tau_low: float = 0.1
+    tau_high: float = 0.6
+    nms_conf: float = 0.1
+    nms_iou: float = 0.65
+    pseudo_mode: str = "soft"
+    min_reliable_boxes: int = 0
+    ortho_lambda: float = 0.0001
+    ortho_form: str = "srip"
+    fraction_train: float = 1.0
+    min_reply_fraction: float = 1.0
+    round_timeout: float = 3600.0
+    discovery_timeout: float = 300.0
+    eval_every: int = 10
+    eval_personal: bool = True
+    weak_teacher_map50: float = 0.25
+    weak_teacher_density: float = 0.25
+    seed: int = 0
+    output_dir: str = ""
+    resume: str = ""
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    server_threads: int = 0
+    client_threads: int = 0
+    tensorboard: bool = False
+    mlflow: bool = False
+    progress: bool = True
+
+    # -- construction ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], strict: bool = True) -> "RunConfig":
+        """Parse Flower's run config (kebab-case keys, scalars).
+
+        Parameters
+        ----------
+        run_config : mapping
+            ``context.run_config``; missing keys take the defaults above.
+        strict : bool
+            Raise on keys this class does not know (a typo would otherwise be silently ignored).
+
+        Raises
+        ------
+        ConfigError
+            Naming the key, the value and what was expected.
+        """
+        known = {_key(f.name): f for f in fields(cls)}
+        unknown = sorted(k for k in run_config if k not in known)
+        if unknown and strict:
+            raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {', '.join(sorted(known))}")
+        values = {}
+        for key, f in known.items():
+            if key in run_config:
+                values[f.name] = _coerce(key, run_config[key], f.type)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Back to Flower's flat kebab-case form (the resolved config written to the run dir)."""
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes) -> "RunConfig":
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Range and choice checks; raises :class:`ConfigError` naming the key."""
+        def fail(name: str, expected: str) -> None:
+            raise ConfigError(f"run-config {_key(name)}={getattr(self, name)!r}: expected {expected}")
+
+        if self.method not in METHODS:
+            fail("method", f"one of {', '.join(METHODS)}")
+        if self.pseudo_mode not in PSEUDO_MODES:
+            fail("pseudo_mode", f"one of {', '.join(PSEUDO_MODES)}")
+        if self.ortho_form not in ORTHO_FORMS:
+            fail("ortho_form", f"one of {', '.join(ORTHO_FORMS)}")
+        for name in ("warmup_epochs", "warmup_lr_steps", "phase1_rounds", "phase2_rounds", "min_reliable_boxes",
+                     "synthetic_images", "server_threads", "client_threads"):
+            if getattr(self, name) < 0:
+                fail(name, "an integer >= 0")
+        for name in ("imgsz", "batch_size", "local_epochs", "eval_every", "keep_checkpoints", "synthetic_clients",
+                     "synthetic_imgsz"):
+            if getattr(self, name) < 1:
+                fail(name, "an integer >= 1")
+        if self.server_epochs < 0:
+            fail("server_epochs", "an integer >= 0")
+        if self.imgsz % 32:
+            fail("imgsz", "a multiple of 32 (the detector's largest stride)")
+        for name in ("fraction_train", "min_reply_fraction"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                fail(name, "a number in (0, 1]")
+        if not 0.0 <= self.tau_low <= self.tau_high <= 1.0:
+            fail("tau_high", f"tau_low <= tau_high in [0, 1] (tau_low={self.tau_low})")
+        for name in ("nms_conf", "nms_iou"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                fail(name, "a number in [0, 1]")
+        if self.ortho_lambda < 0:
+            fail("ortho_lambda", "a number >= 0")
+        if self.lr <= 0:
+            fail("lr", "a number > 0")
+        self.ema_decay_value  # raises on a bad value
+        if not [w for w in self.weathers if w]:
+            fail("synthetic_weathers", "a comma-separated list of weathers")
+
+    # -- derived values ----------------------------------------------------------------------------
+
+    @property
+    def ema_decay_value(self) -> float | str:
+        """``"auto"`` or the decay as a float in (0, 1)."""
+        text = str(self.ema_decay).strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"run-config ema-decay={self.ema_decay!r}: expected 'auto' or a number in (0, 1)") from None
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"run-config ema-decay={self.ema_decay!r}: expected 'auto' or a number in (0, 1)")
+        return value
+
+    @property
+    def weathers(self) -> list[str]:
+        return [w.strip() for w in self.synthetic_weathers.split(",") if w.strip()]
+
+    def federation_path(self) -> Path:
+        """Absolute manifest path (relative ones under ``$FEDSTO_HOME``); accepts the folder too."""
+        path = Path(os.path.expanduser(self.federation))
+        path = path if path.is_absolute() else fedsto_home() / path
+        return path / "federation.json" if path.suffix != ".json" else path
+
+    def run_dir(self) -> Path:
+        """Absolute run directory: ``resume`` when given, else ``output_dir`` (relative: under ``$FEDSTO_HOME/runs``)."""
+        if self.resume:
+            return _absolute(self.resume, fedsto_home() / "runs")
+        return _absolute(self.output_dir or f"{self.method}-{time.strftime('%Y%m%d-%H%M%S')}", fedsto_home() / "runs")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _absolute(path: str, base: Path) -> Path:
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else base / p
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(annotation), None)
+    if kind is None:
+        raise TypeError(f"{key}: unsupported annotation {annotation}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"run-config {key}={value!r}: expected true or false")
+    if kind is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"run-config {key}={value!r}: expected an integer")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"run-config {key}={value!r}: expected a number")
+        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. ema-decay=0.999 given as a number
+    if not isinstance(value, str):
+        raise ConfigError(f"run-config {key}={value!r}: expected a string")
+    return value
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults as Flower's flat kebab-case dict (what pyproject's section should hold)."""
+    return RunConfig().to_run_config()

@@ -1,0 +1,136 @@
+"""Pure helpers of a federated round: reply classification, byte counts, client-metric summaries.
+
+Kept apart from the loop (``server.runner``) so each rule can be unit-tested without Flower
+processes: which replies count, when a round fails, what goes into the metrics row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message
+
+from client import protocol
+
+
+@dataclass
+class RoundReplies:
+    """Replies of one round split into usable ones and failures (with reasons)."""
+
+    ok: list[Message] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def num_failures(self) -> int:
+        return len(self.failures)
+
+
+def classify_replies(replies: Iterable[Message], sent: Mapping[int, int], expected_keys: Sequence[str] | None = None) -> RoundReplies:
+    """Sort replies into usable ones and failures.
+
+    Parameters
+    ----------
+    replies : iterable of Message
+        What ``grid.send_and_receive`` returned.
+    sent : mapping
+        Node id -> partition id of every message sent this round.
+    expected_keys : sequence of str, optional
+        Keys each train reply must upload (exactly these; None: not checked).
+
+    Returns
+    -------
+    RoundReplies
+        A reply fails when it carries an error, comes from an unexpected node, reports another
+        partition id, or uploads other keys than asked; a sent message without reply fails too.
+    """
+    out = RoundReplies()
+    seen: set[int] = set()
+    want = set(expected_keys) if expected_keys is not None else None
+    for reply in replies:
+        nid = reply.metadata.src_node_id
+        pid = sent.get(nid)
+        if pid is None:
+            out.failures.append(f"node {nid}: reply to a message this round did not send")
+            continue
+        seen.add(nid)
+        if reply.has_error():
+            out.failures.append(f"partition {pid} (node {nid}): {reply.error.reason}")
+            continue
+        metrics = reply.content.metric_records.get(protocol.METRICS)
+        if metrics is None or protocol.NUM_EXAMPLES not in metrics:
+            out.failures.append(f"partition {pid} (node {nid}): reply without '{protocol.NUM_EXAMPLES}' metric")
+            continue
+        if int(metrics.get(protocol.PARTITION_ID, -1)) != pid:
+            out.failures.append(f"partition {pid} (node {nid}): reply claims partition {metrics.get(protocol.PARTITION_ID)}")
+            continue
+        if want is not None:
+            arrays = reply.content.array_records.get(protocol.ARRAYS)
+            got = set(arrays.keys()) if arrays is not None else set()
+            if got != want:
+                out.failures.append(f"partition {pid} (node {nid}): uploaded {len(got)} tensors, expected the "
+                                    f"{len(want)} asked for ({len(got - want)} extra, {len(want - got)} missing)")
+                continue
+        out.ok.append(reply)
+    for nid, pid in sent.items():
+        if nid not in seen:
+            out.failures.append(f"partition {pid} (node {nid}): no reply before the round timeout")
+    return out
+
+
+def required_replies(num_sampled: int, min_fraction: float) -> int:
+    """Fewest successful replies a round may have: ``ceil(min_fraction * sampled)``, at least 1."""
+    return max(1, math.ceil(min_fraction * num_sampled - 1e-9))
+
+
+def reply_metrics(reply: Message) -> dict[str, float]:
+    return {k: float(v) for k, v in reply.content.metric_records[protocol.METRICS].items() if not isinstance(v, list)}
+
+
+def reply_domain(reply: Message) -> str:
+    info = reply.content.config_records.get(protocol.INFO)
+    return str(info["domain"]) if info is not None and "domain" in info else "?"
+
+
+def pseudo_summary(per_client: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Round-level pseudo-label numbers: boxes per teacher-seen image, mean precision/recall.
+
+    Per image = boxes summed over clients / images the teachers saw (used + skipped).
+    """
+    def total(key: str) -> float:
+        return float(sum(m.get(key, 0.0) for m in per_client.values()))
+
+    seen = total("pseudo_images") + total("images_skipped")
+    out = {"reliable_per_image": total("pseudo_reliable") / seen if seen else 0.0,
+           "uncertain_per_image": total("pseudo_uncertain") / seen if seen else 0.0,
+           "images_skipped": total("images_skipped"), "teacher_images": seen}
+    for key in ("pseudo_reliable_precision", "pseudo_reliable_recall", "pseudo_uncertain_precision", "pseudo_uncertain_recall"):
+        values = [m[key] for m in per_client.values() if key in m and m[key] >= 0]
+        if values:
+            out[key.removeprefix("pseudo_")] = float(np.mean(values))
+    return out
+
+
+def personal_summary(per_client: Mapping[str, Mapping[str, float]], domains: Mapping[str, str]) -> dict[str, dict[str, float]]:
+    """Personalised mAP per domain (mean over that domain's clients) and their unweighted ``Total``."""
+    by_domain: dict[str, list[tuple[float, float]]] = {}
+    for pid, m in per_client.items():
+        if "personal_map50" in m:
+            by_domain.setdefault(domains[pid], []).append((m["personal_map50"], m["personal_map50_95"]))
+    out = {d: {"map50": float(np.mean([v[0] for v in vals])), "map50_95": float(np.mean([v[1] for v in vals]))}
+           for d, vals in sorted(by_domain.items())}
+    if out:
+        out["Total"] = {k: float(np.mean([v[k] for v in out.values()])) for k in ("map50", "map50_95")}
+    return out
+
+
+def mean_losses(per_client: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Example-weighted mean of each ``loss_*`` over clients."""
+    weights = {pid: m.get(protocol.NUM_EXAMPLES, 0.0) for pid, m in per_client.items()}
+    total = sum(weights.values())
+    keys = sorted({k for m in per_client.values() for k in m if k.startswith("loss_")})
+    if not total:
+        return {}
+    return {k: float(sum(m.get(k, 0.0) * weights[p] for p, m in per_client.items()) / total) for k in keys}

@@ -1,0 +1,449 @@
+"""The ServerApp's loop: warm-up, phases, server epochs, evaluation, checkpoints, resume.
+
+:class:`FederatedRun` walks the :class:`~server.plan.Plan`. It owns the loop (not
+``Strategy.start``), because FedSTO needs things ``start`` cannot do: merge a backbone-only
+average into the server's model, train the server one supervised epoch between rounds, and
+continue from a checkpoint. The strategy object still decides what travels and how replies are
+aggregated (``strategies.base``).
+
+Per client round::
+
+    sample partitions (seeded) -> broadcast full state + RoundInstructions (ConfigRecord)
+    -> grid.send_and_receive -> classify replies (failures counted; below min-reply-fraction: fail)
+    -> strategy.aggregate (sorted by partition id) -> strategy.merge into the server model
+    -> server epoch(s) on the labelled set (orthogonality in phase 2) -> evaluate -> checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from client import protocol
+from client.protocol import RoundInstructions
+from detection.federation import Federation
+from detection.images import LetterboxCache
+from detection.metrics import evaluate_domains
+from detection.model import GROUPS, build_model, export_ultralytics, get_state, set_state
+from detection.orthogonality import OrthogonalityRegulariser
+from detection.train import TrainConfig, train_labelled
+from detection.views import derive_seed
+from server import rundir as rd
+from server.config import RunConfig
+from server.plan import Plan, Step, build_plan
+from server.prepare import ensure_synthetic_federation
+from server.rounds import (classify_replies, mean_losses, personal_summary, pseudo_summary, reply_domain, reply_metrics,
+                           required_replies)
+from server.sampling import Discovery, discover_partitions, sample_partitions
+from strategies import FederatedStrategy, get_strategy
+
+log = logging.getLogger("fedsto.server")
+
+# Seed stream of the server-side regulariser's power-iteration vectors.
+SERVER_ORTHO_STREAM = 0x05E7
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on (too few replies, no clients...). ``result.json`` says why."""
+
+
+@dataclass
+class ServerState:
+    """Everything a checkpoint restores besides the model."""
+
+    step: int = 0
+    optimizer_state: dict | None = None
+    best_map50: float = -1.0
+    best_step: int = 0
+    elapsed: float = 0.0
+    failures: int = 0
+    teacher_checked: bool = False
+    last_eval: dict | None = None
+    failures_by_step: dict = field(default_factory=dict)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def round_metrics(results: dict, digits: int = 6) -> dict:
+    """Per-domain eval results reduced to mAP50 / mAP50-95 (rounded for the JSONL)."""
+    return {d: {"map50": round(float(r["map50"]), digits), "map50_95": round(float(r["map50_95"]), digits)}
+            for d, r in results.items()}
+
+
+class FederatedRun:
+    """One run of a method on a federation, through a Flower ``Grid``.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        Message transport to the clients (a real Grid, or an in-process one in tests).
+    cfg : RunConfig
+        The run config.
+    strategy : FederatedStrategy, optional
+        Default: ``get_strategy(cfg.strategy)``.
+    console : rich.console.Console, optional
+        Where tables and step lines go (stdout is streamed by Flower's log uploader).
+    """
+
+    def __init__(self, grid, cfg: RunConfig, strategy: FederatedStrategy | None = None, console: Console | None = None) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.strategy = strategy or get_strategy(cfg.strategy)
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.device = cfg.resolved_device()
+        self.state = ServerState()
+        self.discovery: Discovery | None = None
+        self.run_dir: rd.RunDir | None = None
+        self._log_file = None
+
+    # -- output ----------------------------------------------------------------------------------
+
+    def say(self, text: str, style: str | None = None) -> None:
+        self.console.print(text, style=style)
+        if self._log_file is not None:
+            self._log_file.write(time.strftime("%H:%M:%S ") + text + "\n")
+            self._log_file.flush()
+
+    def warn(self, text: str) -> None:
+        self.say(f"WARNING: {text}", style="bold red")
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.server_threads or os.cpu_count() or 1)
+        manifest = cfg.federation_path()
+        manifest, built = ensure_synthetic_federation(
+            manifest, num_images=cfg.synthetic_images, imgsz=cfg.synthetic_imgsz, num_clients=cfg.synthetic_clients,
+            weathers=cfg.weathers, server_fraction=cfg.synthetic_server_fraction,
+            test_fraction=cfg.synthetic_test_fraction, seed=cfg.seed)
+        self.manifest = manifest
+        self.fed = Federation.load(manifest)
+        self.plan: Plan = build_plan(cfg.method, cfg.warmup_epochs, cfg.phase1_rounds, cfg.phase2_rounds,
+                                     cfg.server_epochs, cfg.eval_every)
+        run_config = cfg.to_run_config()
+        path = cfg.run_dir()
+        checkpoint = None
+        if cfg.resume:
+            self.run_dir = rd.RunDir.reopen(path, run_config, cfg.keep_checkpoints)
+            checkpoint = self.run_dir.latest_checkpoint()
+        else:
+            self.run_dir = rd.RunDir.create(path, self._config_record(run_config), cfg.keep_checkpoints)
+        self._log_file = (self.run_dir.path / "server.log").open("a", encoding="utf-8")
+        if built:
+            self.say(f"built synthetic federation {manifest}")
+
+        names = self.fed.class_names
+        torch.manual_seed(cfg.seed)  # model init is part of what the seed fixes
+        self.model = build_model(cfg.model, len(names), names, weights=cfg.weights or None)
+        if checkpoint is not None:
+            set_state(self.model, checkpoint["model_state"])
+            s = checkpoint["server"]
+            self.state = ServerState(**s)
+            self.state.optimizer_state = checkpoint["optimizer_state"]
+            _set_rng_state(checkpoint["rng"])
+            dropped = self.run_dir.truncate_metrics(self.state.step)
+            self.say(f"resuming {self.run_dir.path} after step {self.state.step}/{len(self.plan.steps)} "
+                     f"({checkpoint['label']}); {dropped} metrics row(s) of unfinished steps dropped")
+        elif cfg.resume:
+            self.run_dir.truncate_metrics(0)
+            self.say(f"resuming {self.run_dir.path}: no checkpoint yet, starting from the beginning")
+
+        self.labelled = self.fed.server_records() if self.plan.labels == "server" else self.fed.all_train_records()
+        self.tests = self.fed.test_records()
+        self.train_cache = LetterboxCache(cfg.imgsz)
+        self.eval_caches: dict[str, LetterboxCache] = {}
+        self.train_config = TrainConfig(imgsz=cfg.imgsz, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay, epochs=1, trainable=GROUPS, augment="weak",
+                                        seed=cfg.seed, device=self.device,
+                                        progress=cfg.progress and sys.stdout.isatty())
+        self.loggers = rd.OptionalLoggers(self.run_dir.path, cfg.tensorboard, cfg.mlflow, self.run_dir.path.name, run_config)
+        for note in self.loggers.notes:
+            self.say(note)
+
+    def _config_record(self, run_config: dict) -> dict:
+        import flwr
+        import ultralytics
+
+        return {"run_config": run_config, "federation": str(self.manifest), "federation_sizes": self.fed.sizes(),
+                "domains": self.fed.domains, "server_domain": self.fed.server_domain,
+                "plan": [list(r) for r in self.plan.describe()], "num_steps": len(self.plan.steps),
+                "versions": {"python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__,
+                             "ultralytics": ultralytics.__version__},
+                "device": self.device, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Walk the remaining steps; returns the ``result.json`` content. Raises :class:`RunFailed`."""
+        try:
+            self._prepare()
+        except Exception as exc:
+            if self.run_dir is not None:
+                self.run_dir.write_result("failed", reason=f"setup: {exc}", failures=self.state.failures)
+            raise
+        try:
+            return self._run_steps()
+        except Exception as exc:
+            self.run_dir.write_result("failed", reason=str(exc), failures=self.state.failures,
+                                      failures_by_step=self.state.failures_by_step, last_step=self.state.step)
+            self.run_dir.write_progress(self.state.step, len(self.plan.steps), "failed", status="failed")
+            self.say(f"run failed: {exc}", style="bold red")
+            raise
+        finally:
+            self.loggers.close()
+            if self._log_file is not None:
+                self._log_file.close()
+
+    def _run_steps(self) -> dict:
+        cfg, plan = self.cfg, self.plan
+        remaining = plan.remaining(self.state.step)
+        self.say(f"fedsto {cfg.method} ({cfg.strategy}) on {self.manifest}: {len(self.labelled)} labelled server images, "
+                 f"{self.fed.num_clients} clients, domains {', '.join(self.fed.domains)}; device {self.device}; "
+                 f"run dir {self.run_dir.path}")
+        for stage, n, what in plan.describe():
+            self.say(f"  {stage:>7} x{n}: {what}")
+        if any(s.clients for s in remaining):
+            self._discover()
+        total = len(plan.steps)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.console, disable=not (cfg.progress and self.console.is_terminal)) as bar:
+            task = bar.add_task(cfg.method, total=total, completed=self.state.step)
+            for step in remaining:
+                self.run_dir.write_progress(step.index - 1, total, step.label)
+                self._run_step(step)
+                bar.update(task, completed=step.index, description=f"{cfg.method}: {step.label}")
+        return self._finish()
+
+    def _discover(self) -> None:
+        cfg = self.cfg
+        found = discover_partitions(self.grid, self.fed.num_clients, cfg.discovery_timeout,
+                                    {"federation": str(self.manifest)})
+        for failure in found.failures:
+            self.warn(f"partition discovery: {failure}")
+        needed = required_replies(self.fed.num_clients, cfg.min_reply_fraction)
+        if len(found.nodes) < needed:
+            raise RunFailed(f"only {len(found.nodes)} of {self.fed.num_clients} clients answered the partition query "
+                            f"(min-reply-fraction {cfg.min_reply_fraction} needs {needed})")
+        self.discovery = found
+        self.say("clients: " + ", ".join(f"{pid}={info.get('domain')}({info.get('images')})" for pid, info in sorted(found.info.items())))
+
+    def _run_step(self, step: Step) -> None:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        row: dict = {"step": step.index, "kind": step.kind, "phase": step.phase_name, "round": step.round,
+                     "phase_round": step.phase_round, "method": cfg.method}
+        if step.clients:
+            if not self.state.teacher_checked:
+                row["teacher_check"] = self._teacher_check(step)
+                self.state.teacher_checked = True
+            row.update(self._client_round(step))
+        server = []
+        for epoch in range(step.server_epochs):
+            reg = None
+            if step.orthogonality and cfg.ortho_lambda > 0:
+                reg = OrthogonalityRegulariser(self.model, groups=("neck", "head"), form=cfg.ortho_form,
+                                               coefficient=cfg.ortho_lambda,
+                                               seed=derive_seed(cfg.seed, step.index, epoch, SERVER_ORTHO_STREAM))
+            tc = self.train_config.replace(warmup_steps=cfg.warmup_lr_steps if (step.index == 1 and epoch == 0) else 0,
+                                           description=f"{step.label}: server epoch")
+            stats, self.state.optimizer_state = train_labelled(self.model, self.labelled, tc,
+                                                               optimizer_state=self.state.optimizer_state, regulariser=reg,
+                                                               cache=self.train_cache, seed_parts=(step.index, epoch))
+            server.append(stats.as_metrics())
+        if server:
+            row["server"] = {k: float(np.mean([s[k] for s in server])) for k in server[-1]}
+            row["server"]["epochs"] = len(server)
+            row["server"]["orthogonality"] = bool(step.orthogonality and cfg.ortho_lambda > 0)
+        if step.evaluate:
+            results = evaluate_domains(self.model, self.tests, cfg.imgsz, device=self.device, caches=self.eval_caches)
+            row["eval"] = round_metrics(results)
+            self.state.last_eval = row["eval"]
+        seconds = time.perf_counter() - t0
+        self.state.elapsed += seconds
+        row["seconds"] = round(seconds, 3)
+        row["elapsed"] = round(self.state.elapsed, 3)
+        self.run_dir.append_metrics(row)
+        self.loggers.log(step.index, rd.flatten({k: v for k, v in row.items() if k in ("server", "eval", "pseudo", "bytes_up", "bytes_down", "failures", "personal")}))
+        is_best = False
+        if "eval" in row and row["eval"]["Total"]["map50"] > self.state.best_map50:
+            self.state.best_map50, self.state.best_step, is_best = row["eval"]["Total"]["map50"], step.index, True
+        self.state.step = step.index
+        self._checkpoint(step, is_best)
+        self.say(self._step_line(step, row))
+
+    def _step_line(self, step: Step, row: dict) -> str:
+        parts = [f"[{step.index}/{len(self.plan.steps)}] {step.label}: {row['seconds']:.1f}s"]
+        if "server" in row:
+            parts.append("server " + " ".join(f"{k[5:]} {v:.3f}" for k, v in row["server"].items() if k.startswith("loss_")))
+        if "replies" in row:
+            parts.append(f"replies {row['replies']}/{len(row['sampled'])}, up {row['bytes_up'] / 1e6:.2f} MB, "
+                         f"down {row['bytes_down'] / 1e6:.2f} MB")
+        if "pseudo" in row:
+            p = row["pseudo"]
+            parts.append(f"pseudo/img {p['reliable_per_image']:.2f}+{p['uncertain_per_image']:.2f}"
+                         + (f" (prec {p['reliable_precision']:.2f})" if "reliable_precision" in p else ""))
+        if "eval" in row:
+            parts.append("mAP50 " + " ".join(f"{d} {m['map50']:.3f}" for d, m in row["eval"].items()))
+        if "personal" in row and row["personal"]:
+            parts.append("personal " + " ".join(f"{d} {m['map50']:.3f}" for d, m in row["personal"].items()))
+        return "; ".join(parts)
+
+    def _checkpoint(self, step: Step, is_best: bool) -> None:
+        s = self.state
+        payload = {"model_state": get_state(self.model), "optimizer_state": s.optimizer_state, "step": step.index,
+                   "phase": step.phase_name, "round": step.round, "label": step.label, "rng": _rng_state(),
+                   "server": {"step": s.step, "best_map50": s.best_map50, "best_step": s.best_step, "elapsed": s.elapsed,
+                              "failures": s.failures, "teacher_checked": s.teacher_checked, "last_eval": s.last_eval,
+                              "failures_by_step": s.failures_by_step},
+                   "config": self.cfg.to_run_config()}
+        self.run_dir.save_checkpoint(payload, step.index, is_best)
+
+    # -- client rounds ---------------------------------------------------------------------------
+
+    def instructions(self, step: Step, evaluate_personal: bool) -> RoundInstructions:
+        cfg, phase = self.cfg, step.phase
+        return RoundInstructions(
+            server_round=step.round, phase=step.phase_name, trainable=phase.client_groups, upload=phase.upload_groups,
+            ortho_lambda=cfg.ortho_lambda if phase.orthogonality else 0.0, ortho_form=cfg.ortho_form,
+            evaluate_personal=evaluate_personal, federation=str(self.manifest), model=cfg.model, seed=cfg.seed,
+            local_epochs=cfg.local_epochs, imgsz=cfg.imgsz, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, ema_decay=str(cfg.ema_decay), tau_low=cfg.tau_low, tau_high=cfg.tau_high,
+            nms_conf=cfg.nms_conf, nms_iou=cfg.nms_iou, pseudo_mode=cfg.pseudo_mode,
+            min_reliable_boxes=cfg.min_reliable_boxes, strategy=cfg.strategy, threads=cfg.client_threads)
+
+    def _messages(self, partitions: list[int], arrays: ArrayRecord, ins: RoundInstructions, message_type: str) -> tuple[list[Message], dict[int, int]]:
+        config = ConfigRecord(ins.to_config())
+        sent = {self.discovery.nodes[pid]: pid for pid in partitions}
+        messages = [Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config}), dst_node_id=nid,
+                            message_type=message_type) for nid in sorted(sent, key=sent.get)]
+        return messages, sent
+
+    def _client_round(self, step: Step) -> dict:
+        cfg = self.cfg
+        sampled = sample_partitions(self.discovery.partitions, cfg.fraction_train, cfg.seed, step.round)
+        ins = self.instructions(step, evaluate_personal=step.evaluate and cfg.eval_personal)
+        arrays = ArrayRecord(get_state(self.model, self.strategy.broadcast_keys(self.model)))
+        messages, sent = self._messages(sampled, arrays, ins, protocol.TRAIN)
+        expected = self.strategy.upload_keys(self.model, ins.upload)
+        replies = classify_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), sent, expected)
+        row: dict = {"sampled": sampled, "replies": len(replies.ok), "failures": replies.num_failures,
+                     "failure_reasons": replies.failures, "bytes_down": arrays.count_bytes() * len(sampled),
+                     "bytes_up": int(sum(r.content[protocol.ARRAYS].count_bytes() for r in replies.ok)),
+                     "bytes_model": ArrayRecord(get_state(self.model)).count_bytes(),
+                     "upload_keys": len(expected)}
+        self.state.failures += replies.num_failures
+        if replies.num_failures:
+            self.state.failures_by_step[str(step.index)] = replies.num_failures
+            for f in replies.failures:
+                self.warn(f"round {step.round}: {f}")
+        needed = required_replies(len(sampled), cfg.min_reply_fraction)
+        if len(replies.ok) < needed:
+            row["status"] = "failed"
+            self.run_dir.append_metrics({"step": step.index, "kind": step.kind, "phase": step.phase_name,
+                                         "round": step.round, "method": cfg.method, **row})
+            raise RunFailed(f"round {step.round}: {len(replies.ok)} of {len(sampled)} clients replied, "
+                            f"min-reply-fraction {cfg.min_reply_fraction} needs {needed}: " + "; ".join(replies.failures))
+        per_client = {str(int(reply_metrics(r)[protocol.PARTITION_ID])): reply_metrics(r) for r in replies.ok}
+        domains = {str(int(reply_metrics(r)[protocol.PARTITION_ID])): reply_domain(r) for r in replies.ok}
+        aggregate, _ = self.strategy.aggregate(step.round, replies.ok)
+        if aggregate is None:
+            raise RunFailed(f"round {step.round}: the strategy produced no aggregate from {len(replies.ok)} replies")
+        set_state(self.model, self.strategy.merge(get_state(self.model), aggregate))
+        row["clients"] = {pid: {"domain": domains[pid], **m} for pid, m in sorted(per_client.items(), key=lambda kv: int(kv[0]))}
+        row["client_losses"] = mean_losses(per_client)
+        row["pseudo"] = pseudo_summary(per_client)
+        if ins.evaluate_personal:
+            row["personal"] = personal_summary(per_client, domains)
+        return row
+
+    # -- warm-up quality check -------------------------------------------------------------------
+
+    def _teacher_check(self, step: Step) -> dict:
+        """Before round 1: is the warm-up model good enough to teach? Loud warnings if not."""
+        cfg = self.cfg
+        existing = self.run_dir.read_json(rd.TEACHER_CHECK)
+        if existing is not None:
+            return existing["summary"]
+        if self.state.last_eval is None:
+            self.state.last_eval = round_metrics(evaluate_domains(self.model, self.tests, cfg.imgsz, device=self.device,
+                                                                  caches=self.eval_caches))
+        server_map50 = self.state.last_eval[self.fed.server_domain]["map50"]
+        server_density = float(np.mean([len(r.classes) for r in self.labelled])) if self.labelled else 0.0
+        ins = self.instructions(step, evaluate_personal=False)
+        arrays = ArrayRecord(get_state(self.model, self.strategy.broadcast_keys(self.model)))
+        messages, sent = self._messages(self.discovery.partitions, arrays, ins, protocol.EVALUATE_TEACHER)
+        replies = classify_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), sent, None)
+        clients = {}
+        for r in replies.ok:
+            m = reply_metrics(r)
+            clients[str(int(m[protocol.PARTITION_ID]))] = {"domain": reply_domain(r), **m}
+        table = Table(title=f"warm-up quality check ({self.fed.server_domain} mAP50 {server_map50:.3f}; "
+                            f"server labels {server_density:.2f} boxes/image)")
+        for col in ("client", "domain", "reliable/img", "uncertain/img", "true/img (hidden)", "reliable precision"):
+            table.add_column(col, justify="right")
+        weak = []
+        for pid, m in sorted(clients.items(), key=lambda kv: int(kv[0])):
+            table.add_row(pid, m["domain"], f"{m['reliable_per_image']:.2f}", f"{m['uncertain_per_image']:.2f}",
+                          f"{m['true_per_image']:.2f}", f"{m['reliable_precision']:.2f}")
+            if m["reliable_per_image"] < cfg.weak_teacher_density * server_density:
+                weak.append(pid)
+        self.console.print(table)
+        summary = {"server_domain_map50": server_map50, "server_boxes_per_image": server_density, "clients": clients,
+                   "failures": replies.failures, "weak_teacher": bool(server_map50 < cfg.weak_teacher_map50 or weak)}
+        if server_map50 < cfg.weak_teacher_map50:
+            self.warn(f"WEAK TEACHER: warm-up {self.fed.server_domain} mAP50 {server_map50:.3f} < {cfg.weak_teacher_map50}; "
+                      "pseudo labels will be poor and can make clients worse (lengthen the warm-up)")
+        for pid in weak:
+            m = clients[pid]
+            self.warn(f"WEAK TEACHER on client {pid} ({m['domain']}): {m['reliable_per_image']:.2f} reliable pseudo boxes "
+                      f"per image vs {server_density:.2f} labelled boxes per server image; unlabelled images will "
+                      "act mostly as background")
+        for f in replies.failures:
+            self.warn(f"teacher check: {f}")
+        self.run_dir.write_json(rd.TEACHER_CHECK, {"summary": summary})
+        return summary
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def _finish(self) -> dict:
+        from server.report import write_run_report
+
+        cfg = self.cfg
+        final = self.state.last_eval
+        model_path = export_ultralytics(self.model, self.run_dir.path / rd.MODEL,
+                                        {"imgsz": cfg.imgsz, "method": cfg.method, "strategy": cfg.strategy, "seed": cfg.seed})
+        result = self.run_dir.write_result(
+            "completed", method=cfg.method, strategy=cfg.strategy, steps=len(self.plan.steps), failures=self.state.failures,
+            failures_by_step=self.state.failures_by_step, final=final, best_map50=self.state.best_map50,
+            best_step=self.state.best_step, elapsed_seconds=self.state.elapsed, model=str(model_path))
+        try:
+            write_run_report(self.run_dir.path)
+        except Exception as exc:  # noqa: BLE001  (a broken plot must not turn a finished run into a failed one)
+            self.warn(f"report: {exc}")
+        self.run_dir.write_progress(len(self.plan.steps), len(self.plan.steps), "done", status="completed")
+        self.say(f"done: {cfg.method}, {self.state.elapsed:.0f}s of steps, failures {self.state.failures}; "
+                 f"model {model_path}; results {self.run_dir.path / 'results.md'}")
+        return self.run_dir.read_json(rd.RESULT) or {"status": "completed", "path": str(result)}

@@ -1,0 +1,131 @@
+"""Which clients train in a round: partition discovery and seeded sampling by partition id.
+
+Flower's node ids are random per run and ``FedAvg`` samples them with ``random.sample``, so the
+same seed would pick different clients each run. Here the server learns each node's partition id
+once (a ``query.partition`` message) and samples *partition ids* with a generator seeded by
+(seed, round): the same seed picks the same clients, whatever the node ids are.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from detection.views import derive_seed
+
+log = logging.getLogger("fedsto.server")
+
+QUERY_PARTITION = "query.partition"
+# A fixed tag separates the sampling stream from the training streams derived from the same seed.
+SAMPLING_STREAM = 0x5A3D
+
+
+def sample_size(num_partitions: int, fraction: float) -> int:
+    """Clients per round: ``round(fraction * n)``, at least one."""
+    if num_partitions < 1:
+        raise ValueError("no partitions to sample from")
+    return min(num_partitions, max(1, int(round(fraction * num_partitions))))
+
+
+def sample_partitions(partitions: Sequence[int], fraction: float, seed: int, server_round: int) -> list[int]:
+    """The partitions that train in ``server_round``, sorted.
+
+    Parameters
+    ----------
+    partitions : sequence of int
+        Partition ids available (order does not matter).
+    fraction : float
+        Fraction of them to sample, in (0, 1].
+    seed : int
+        Run seed.
+    server_round : int
+        Global round number; each round draws independently.
+
+    Returns
+    -------
+    list of int
+        Sorted, without repetition; all of ``partitions`` when ``fraction`` is 1.
+    """
+    pool = sorted(set(int(p) for p in partitions))
+    n = sample_size(len(pool), fraction)
+    if n == len(pool):
+        return pool
+    rng = np.random.default_rng(derive_seed(seed, server_round, SAMPLING_STREAM))
+    return sorted(int(p) for p in rng.choice(pool, size=n, replace=False))
+
+
+@dataclass
+class Discovery:
+    """Result of the partition query: node of each partition and what each client said about itself."""
+
+    nodes: dict[int, int] = field(default_factory=dict)          # partition id -> node id
+    info: dict[int, dict] = field(default_factory=dict)          # partition id -> {"domain", "images", ...}
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self.nodes)
+
+
+def read_partition_reply(reply: Message) -> dict:
+    """The ``info`` ConfigRecord of a partition-query reply as a plain dict."""
+    record = reply.content.config_records.get("info")
+    if record is None:
+        raise KeyError(f"partition reply from node {reply.metadata.src_node_id} has no 'info' record")
+    return dict(record)
+
+
+def discover_partitions(grid, expected: int, timeout: float, config: Mapping | None = None,
+                        poll: float = 1.0) -> Discovery:
+    """Ask every connected node for its partition id.
+
+    Waits until ``expected`` nodes are connected (or ``timeout`` passes), sends each a
+    ``query.partition`` message and maps partition ids to node ids. Duplicate or out-of-range ids
+    and error replies are recorded in ``failures``.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+    expected : int
+        Number of clients in the federation manifest.
+    timeout : float
+        Seconds to wait for nodes and replies together.
+    config : mapping, optional
+        Extra ConfigRecord entries for the query (e.g. the manifest path the server uses).
+    """
+    deadline = time.monotonic() + timeout
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < expected and time.monotonic() < deadline:
+        log.info("waiting for clients: %d of %d connected", len(node_ids), expected)
+        time.sleep(poll)
+        node_ids = list(grid.get_node_ids())
+    found = Discovery()
+    if len(node_ids) < expected:
+        found.failures.append(f"only {len(node_ids)} of {expected} clients connected within {timeout:.0f}s")
+    messages = [Message(RecordDict({"config": ConfigRecord(dict(config or {}))}), dst_node_id=nid,
+                        message_type=QUERY_PARTITION) for nid in sorted(node_ids)]
+    replies = list(grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())))
+    answered = set()
+    for reply in replies:
+        nid = reply.metadata.src_node_id
+        answered.add(nid)
+        if reply.has_error():
+            found.failures.append(f"node {nid}: partition query failed: {reply.error.reason}")
+            continue
+        info = read_partition_reply(reply)
+        pid = int(info["partition-id"])
+        if not 0 <= pid < expected:
+            found.failures.append(f"node {nid}: partition id {pid} outside 0..{expected - 1} of the manifest")
+        elif pid in found.nodes:
+            found.failures.append(f"node {nid}: partition id {pid} already held by node {found.nodes[pid]}")
+        else:
+            found.nodes[pid] = nid
+            found.info[pid] = info
+    for nid in set(node_ids) - answered:
+        found.failures.append(f"node {nid}: no answer to the partition query")
+    return found
