@@ -7,6 +7,8 @@ import sys
 
 from detection.data_cli import add_data_commands
 from detection.train_cli import add_train_commands
+from server.launch import add_run_command
+from server.report import add_report_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_data_commands(sub)
     add_train_commands(sub)
+    add_run_command(sub)
+    add_report_command(sub)
     return parser
 
 
