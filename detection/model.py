@@ -155,6 +155,11 @@ def set_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], strict:
             own[k].copy_(v.to(own[k].device))
 
 
+def is_fixed_parameter(name: str) -> bool:
+    """Parameters that never train: the DFL layer's fixed integral projection."""
+    return ".dfl." in f".{name}"
+
+
 def set_trainable_groups(model: DetectionModel, groups: Iterable[str]) -> list[str]:
     """Freeze every group not listed; frozen groups' BatchNorm layers go to eval mode.
 
@@ -168,8 +173,9 @@ def set_trainable_groups(model: DetectionModel, groups: Iterable[str]) -> list[s
     trainable = []
     for layer, group in zip(model.model, layer_groups(model)):
         on = group in wanted
-        for p in layer.parameters():
-            p.requires_grad_(on)
+        for name, p in layer.named_parameters():
+            # The DFL projection is a fixed arange, never trained (as in Ultralytics' trainer).
+            p.requires_grad_(on and not is_fixed_parameter(name))
         if not on:
             for m in layer.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

@@ -124,12 +124,14 @@ def batches_per_epoch(n_items: int, batch_size: int) -> int:
 def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
               make_batch: Callable[[np.ndarray, int], tuple[dict, dict[str, float]]],
               loss_fn: Callable, regulariser: Callable[[], torch.Tensor] | None = None,
-              optimizer_state: Mapping | None = None, seed_parts: Sequence[int] = ()) -> tuple[TrainStats, dict]:
+              optimizer_state: Mapping | None = None, seed_parts: Sequence[int] = (),
+              on_step_end: Callable[[], None] | None = None) -> tuple[TrainStats, dict]:
     """The loop: shuffle ``n_items`` indices, batch, forward, loss, backward, step.
 
-    ``make_batch(indices, step)`` returns the model batch (Ultralytics' format) and per-batch
-    counters to sum; ``loss_fn(preds, batch)`` returns ``(loss, loss_items)``. Returns the stats
-    and the optimiser's state (for callers that keep it between calls).
+    ``make_batch(indices, step)`` returns the model batch (Ultralytics' format), or None when the
+    step has nothing to learn from (counted as ``steps_skipped``), and per-batch counters to sum;
+    ``loss_fn(preds, batch)`` returns ``(loss, loss_items)``; ``on_step_end`` runs after each
+    optimiser step (the EMA teacher's update). Returns the stats and the optimiser's state.
     """
     device = torch.device(cfg.device)
     model.to(device).train()
@@ -149,6 +151,12 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
                 order = np.concatenate([order, rng.permutation(n_items)])
             indices, order = order[:min(cfg.batch_size, n_items)], order[min(cfg.batch_size, n_items):]
             batch, batch_counters = make_batch(indices, step)
+            for k, v in batch_counters.items():
+                counters[k] = counters.get(k, 0.0) + float(v)
+            if batch is None:
+                counters["steps_skipped"] = counters.get("steps_skipped", 0.0) + 1
+                bar.update(task, advance=1)
+                continue
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -166,10 +174,10 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             optimizer.step()
+            if on_step_end is not None:
+                on_step_end()
             for k, v in items.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            for k, v in batch_counters.items():
-                counters[k] = counters.get(k, 0.0) + float(v)
             stats.steps += 1
             stats.images += len(indices)
             bar.update(task, advance=1, info=" ".join(f"{k} {float(v):.3f}" for k, v in items.items()))
