@@ -109,6 +109,9 @@ class RunConfig:
     weak_teacher_density : float
         Warn loudly when a client's reliable pseudo boxes per image fall below this fraction of
         the server's labelled boxes per image.
+    weak_teacher_precision : float
+        Warn loudly when fewer than this fraction of a client's reliable pseudo boxes match a true
+        box (measured with the hidden labels, which only diagnostics may read).
     seed : int
         Fixes model init, sampling, shuffles and augmentations.
     output_dir : str
@@ -166,6 +169,7 @@ class RunConfig:
     eval_personal: bool = True
     weak_teacher_map50: float = 0.25
     weak_teacher_density: float = 0.25
+    weak_teacher_precision: float = 0.3
     seed: int = 0
     output_dir: str = ""
     resume: str = ""

@@ -251,18 +251,64 @@ class LocalSuperLink:
         console.print(f"started local SuperLink pid {self.pid} on 127.0.0.1:{port} (FLWR_HOME={self.flwr_home})")
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Stop the SuperLink we started (by pid / its process group); a reused one is left running."""
+        """Stop the SuperLink we started and everything it spawned; a reused one is left running.
+
+        The SuperExec and the simulation runtime (with Ray) run in their own sessions, and the
+        simulation outlives a dead SuperLink, so their process groups are collected *before* the
+        SuperLink goes (afterwards they are orphans of pid 1) and signalled too.
+        """
         if self.process is None or self.process.poll() is not None:
             return
+        groups = {info[2] for pid in descendants(self.process.pid) if (info := _stat(pid)) is not None} | {self.process.pid}
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            for pgid in groups:
+                try:
+                    os.killpg(pgid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+                time.sleep(0.2)
+            if not any(_group_alive(g) for g in groups):
+                break
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgid) of a process from ``/proc/<pid>/stat``, or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1]), int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (info := _stat(int(entry.name))) is not None:
+            out[int(entry.name)] = info
+    return out
+
+
+def descendants(root: int) -> list[int]:
+    """All live descendants of ``root`` (Linux ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for pid, (_, ppid, _) in _processes().items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    return any(g == pgid and state not in ("Z", "X") for state, _, g in _processes().values())
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -329,23 +375,32 @@ class LogFollower:
 
 
 def wait_for_run(run_id: int, run_dir: Path, connection: str, env: Mapping[str, str], timeout: float | None,
-                 label: str, poll: float = 2.0) -> str:
-    """Poll until Flower reports the run finished; a rich bar follows ``progress.json``. Returns the status."""
-    start = time.monotonic()
+                 label: str, poll: float = 1.0, status_every: float = 15.0) -> str:
+    """Wait until Flower reports the run finished; a rich bar follows ``progress.json``. Returns the status.
+
+    The run directory is cheap to watch; ``flwr list`` starts a Python process per call, so it is
+    asked only every ``status_every`` seconds (to notice a ServerApp that died without a word) and
+    once the run directory says the run ended.
+    """
+    start = last_status = time.monotonic()
     progress_file = run_dir / rd.PROGRESS
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(label, total=None)
         while True:
-            status = flwr_status(run_id, connection, env)
-            if status.startswith("finished"):
-                return status
+            ended = False
             if progress_file.exists():
                 try:
                     p = json.loads(progress_file.read_text())
                     bar.update(task, total=p["total"], completed=p["done"], description=f"{label}: {p['label']}")
+                    ended = p.get("status") in ("completed", "failed")
                 except (json.JSONDecodeError, KeyError, OSError):
                     pass
+            if ended or time.monotonic() - last_status > status_every:
+                last_status = time.monotonic()
+                status = flwr_status(run_id, connection, env)
+                if status.startswith("finished"):
+                    return status
             if timeout and time.monotonic() - start > timeout:
                 subprocess.run(flwr_cmd("stop", str(run_id), connection), env=dict(env), capture_output=True)
                 return "finished:timeout"
@@ -454,6 +509,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             follower = LogFollower(run_id, args.connection, env, out / f"{method}.log", echo=not args.quiet)
             try:
                 status = wait_for_run(run_id, run_dir, args.connection, env, args.timeout or None, method)
+            except KeyboardInterrupt:
+                console.print(f"interrupted: stopping run {run_id} (resume with: fedsto run --resume {run_dir})")
+                subprocess.run(flwr_cmd("stop", str(run_id), args.connection), env=dict(env), capture_output=True)
+                raise
             finally:
                 time.sleep(1.0)  # let the last log lines arrive
                 follower.stop()

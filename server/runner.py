@@ -411,8 +411,11 @@ class FederatedRun:
             if m["reliable_per_image"] < cfg.weak_teacher_density * server_density:
                 weak.append(pid)
         self.console.print(table)
+        noisy = [pid for pid, m in clients.items()
+                 if m["reliable_per_image"] > 0 and m["reliable_precision"] < cfg.weak_teacher_precision]
         summary = {"server_domain_map50": server_map50, "server_boxes_per_image": server_density, "clients": clients,
-                   "failures": replies.failures, "weak_teacher": bool(server_map50 < cfg.weak_teacher_map50 or weak)}
+                   "failures": replies.failures, "low_density_clients": weak, "noisy_clients": sorted(noisy, key=int),
+                   "weak_teacher": bool(server_map50 < cfg.weak_teacher_map50 or weak or noisy)}
         if server_map50 < cfg.weak_teacher_map50:
             self.warn(f"WEAK TEACHER: warm-up {self.fed.server_domain} mAP50 {server_map50:.3f} < {cfg.weak_teacher_map50}; "
                       "pseudo labels will be poor and can make clients worse (lengthen the warm-up)")
@@ -421,6 +424,11 @@ class FederatedRun:
             self.warn(f"WEAK TEACHER on client {pid} ({m['domain']}): {m['reliable_per_image']:.2f} reliable pseudo boxes "
                       f"per image vs {server_density:.2f} labelled boxes per server image; unlabelled images will "
                       "act mostly as background")
+        for pid in summary["noisy_clients"]:
+            m = clients[pid]
+            self.warn(f"NOISY TEACHER on client {pid} ({m['domain']}): only {m['reliable_precision']:.0%} of its "
+                      f"{m['reliable_per_image']:.2f} reliable pseudo boxes per image match a true box (hidden "
+                      "labels, diagnostics only); consider a longer warm-up or a higher tau-high")
         for f in replies.failures:
             self.warn(f"teacher check: {f}")
         self.run_dir.write_json(rd.TEACHER_CHECK, {"summary": summary})

@@ -1,0 +1,57 @@
+"""Reply classification, minimum reply fraction, round summaries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from server.rounds import classify_replies, mean_losses, personal_summary, pseudo_summary, required_replies
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+def request(nid):
+    return Message(RecordDict({"config": ConfigRecord({"a": 1})}), dst_node_id=nid, message_type="train")
+
+
+def ok_reply(nid, pid, keys=("a", "b")):
+    return Message(RecordDict({"arrays": ArrayRecord({k: torch.zeros(1) for k in keys}),
+                               "metrics": MetricRecord({"num-examples": 4, "partition-id": pid})}), reply_to=request(nid))
+
+
+def test_classify_counts_every_kind_of_failure():
+    sent = {11: 0, 12: 1, 13: 2, 14: 3, 15: 4}
+    replies = [ok_reply(11, 0), Message(Error(code=1, reason="actor died"), reply_to=request(12)),
+               ok_reply(13, 7), ok_reply(14, 3, keys=("a",)), ok_reply(99, 9)]
+    out = classify_replies(replies, sent, expected_keys=["a", "b"])
+    assert [int(r.content["metrics"]["partition-id"]) for r in out.ok] == [0]
+    text = "\n".join(out.failures)
+    assert out.num_failures == 5
+    for needle in ("actor died", "claims partition 7", "uploaded 1 tensors", "did not send", "partition 4 (node 15): no reply"):
+        assert needle in text
+
+
+def test_required_replies():
+    assert required_replies(10, 1.0) == 10
+    assert required_replies(10, 0.75) == 8
+    assert required_replies(3, 0.01) == 1
+    assert required_replies(4, 0.5) == 2
+
+
+def test_summaries():
+    clients = {"0": {"num-examples": 10, "pseudo_images": 8, "images_skipped": 2, "pseudo_reliable": 30, "pseudo_uncertain": 10,
+                     "pseudo_reliable_precision": 0.9, "loss_cls": 1.0, "personal_map50": 0.4, "personal_map50_95": 0.2},
+               "1": {"num-examples": 30, "pseudo_images": 10, "images_skipped": 0, "pseudo_reliable": 10, "pseudo_uncertain": 0,
+                     "pseudo_reliable_precision": 0.5, "loss_cls": 2.0, "personal_map50": 0.6, "personal_map50_95": 0.4}}
+    p = pseudo_summary(clients)
+    assert p["reliable_per_image"] == pytest.approx(40 / 20)
+    assert p["uncertain_per_image"] == pytest.approx(10 / 20)
+    assert p["reliable_precision"] == pytest.approx(0.7)
+    assert mean_losses(clients)["loss_cls"] == pytest.approx((10 * 1 + 30 * 2) / 40)
+    per = personal_summary(clients, {"0": "rainy", "1": "night"})
+    assert per["rainy"]["map50"] == 0.4 and per["Total"]["map50"] == pytest.approx(0.5)

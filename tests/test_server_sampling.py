@@ -1,0 +1,60 @@
+"""Deterministic client sampling by partition id, and partition discovery over a Grid."""
+
+from __future__ import annotations
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from server.inprocess import InProcessGrid
+from server.sampling import discover_partitions, sample_partitions, sample_size
+
+
+def test_sampling_is_seeded_by_partition_not_order():
+    pids = list(range(20))
+    a = sample_partitions(pids, 0.3, seed=7, server_round=3)
+    assert a == sample_partitions(list(reversed(pids)), 0.3, seed=7, server_round=3)
+    assert len(a) == 6 and a == sorted(set(a))
+    assert a != sample_partitions(pids, 0.3, seed=8, server_round=3)
+    rounds = {tuple(sample_partitions(pids, 0.3, seed=7, server_round=r)) for r in range(1, 11)}
+    assert len(rounds) > 5  # rounds draw independently
+
+
+def test_sampling_edges():
+    assert sample_partitions([3, 1, 2], 1.0, 0, 1) == [1, 2, 3]
+    assert sample_size(10, 0.01) == 1
+    assert sample_size(3, 0.5) == 2
+    with pytest.raises(ValueError):
+        sample_size(0, 1.0)
+
+
+def _echo_app(bad_pid: int | None = None) -> ClientApp:
+    app = ClientApp()
+
+    @app.query("partition")
+    def query(msg, context):
+        pid = int(context.node_config["partition-id"])
+        if pid == bad_pid:
+            raise RuntimeError("no data here")
+        return Message(RecordDict({"info": ConfigRecord({"partition-id": pid, "domain": f"d{pid}", "images": 10})}),
+                       reply_to=msg)
+
+    return app
+
+
+def test_discovery_maps_partitions_to_random_node_ids():
+    grid = InProcessGrid(_echo_app(), 4, seed=3)
+    found = discover_partitions(grid, expected=4, timeout=5)
+    assert found.failures == []
+    assert found.partitions == [0, 1, 2, 3]
+    for pid, nid in found.nodes.items():
+        assert grid.partition_of(nid) == pid
+    assert found.info[2]["domain"] == "d2"
+
+
+def test_discovery_reports_failures_and_missing_nodes():
+    grid = InProcessGrid(_echo_app(bad_pid=1), 3)
+    found = discover_partitions(grid, expected=4, timeout=0.1, poll=0.05)
+    assert found.partitions == [0, 2]
+    assert any("only 3 of 4 clients" in f for f in found.failures)
+    assert any("no data here" in f for f in found.failures)
