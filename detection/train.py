@@ -22,7 +22,7 @@ from ultralytics.utils.loss import v8DetectionLoss
 from detection.images import LetterboxCache, to_model_batch
 from detection.model import GROUPS, set_trainable_groups
 from detection.records import ImageRecord
-from detection.views import apply_view, derive_seed, strong_view, weak_view
+from detection.views import apply_view, derive_seed, strong_view, supervised_view, weak_view
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TrainConfig:
     trainable : tuple of str
         Parameter groups that train; the others are frozen with BatchNorm in eval mode.
     augment : str
-        ``weak`` (flip), ``strong`` (the student's view) or ``none``.
+        ``standard`` (flip + Ultralytics' HSV jitter), ``weak`` (flip), ``strong`` (the student's view) or ``none``.
     seed : int
         With ``seed_parts`` of the caller (round, node, ...) fixes shuffling and augmentation.
     grad_clip : float
@@ -64,7 +64,7 @@ class TrainConfig:
     max_steps: int | None = None
     warmup_steps: int = 0
     trainable: tuple[str, ...] = GROUPS
-    augment: str = "weak"
+    augment: str = "standard"
     seed: int = 0
     grad_clip: float = 10.0
     device: str = "cpu"
@@ -188,13 +188,15 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
 
 
 def _view(name: str):
+    if name == "standard":
+        return supervised_view()
     if name == "weak":
         return weak_view()
     if name == "strong":
         return strong_view()
     if name == "none":
         return None
-    raise ValueError(f"augment={name!r}: expected 'weak', 'strong' or 'none'")
+    raise ValueError(f"augment={name!r}: expected 'standard', 'weak', 'strong' or 'none'")
 
 
 def train_labelled(model: torch.nn.Module, records: Sequence[ImageRecord], cfg: TrainConfig, *,

@@ -1,6 +1,7 @@
 """Augmented views: a weak view for the teacher and the supervised loop, a strong view for the student.
 
-The weak view is geometric only (horizontal flip). The strong view starts from the weak view and
+The weak view is geometric only (horizontal flip). Labelled training uses the weak view plus
+Ultralytics' default colour jitter. The strong view starts from the weak view and
 adds photometric noise (colour jitter, blur, grayscale, cutout) and a scale jitter, transforming
 the pseudo boxes with it, so the student learns from labels the teacher made on a cleaner image.
 Every random choice comes from a seed derived from (seed, round, node, step, image), so a
@@ -26,6 +27,13 @@ def derive_seed(*parts: int) -> int:
 def weak_view() -> A.Compose:
     """Flip only: what the teacher sees, and the supervised loop's augmentation."""
     return A.Compose([A.HorizontalFlip(p=0.5)], bbox_params=_BBOXES)
+
+
+def supervised_view() -> A.Compose:
+    """Flip plus Ultralytics' default HSV jitter (hue 0.015, saturation 0.7, value 0.4): labelled training."""
+    return A.Compose([A.HorizontalFlip(p=0.5),
+                      A.ColorJitter(brightness=0.4, contrast=0.0, saturation=0.7, hue=0.015, p=1.0)],
+                     bbox_params=_BBOXES)
 
 
 def strong_view(scale_jitter: float = 0.2) -> A.Compose:
