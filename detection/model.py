@@ -60,7 +60,9 @@ def build_model(model_yaml: str = "yolo11n.yaml", num_classes: int = 80, class_n
     except FileNotFoundError as exc:
         raise ModelError(f"{model_yaml}: no such Ultralytics model yaml ({exc})") from exc
     head = model.model[-1]
-    if type(head) is not Detect or getattr(head, "end2end", False):
+    # yolo26's head is a plain Detect class with one-to-one branches: check structure, not only the name
+    end_to_end = model.yaml.get("end2end") or getattr(head, "one2one_cv2", None) is not None or getattr(head, "end2end", False)
+    if type(head) is not Detect or end_to_end:
         raise ModelError(f"{model_yaml}: head {type(head).__name__} is not a plain Detect head (end-to-end or "
                          "non-detection heads are out of scope)")
     model.args = IterableSimpleNamespace(**LOSS_GAINS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from detection.tables import domain_table
 from detection.train import TrainConfig, train_labelled
 
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -47,7 +50,14 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def load_detection_model(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """A DetectionModel from an exported Ultralytics ``.pt`` or a ``fedsto train`` checkpoint, with its metadata."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, ModuleNotFoundError, AttributeError) as exc:
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict):
+        raise ModelError(f"{path}: expected a checkpoint dict, found {type(ckpt).__name__}")
     if "model_state" in ckpt:  # our training checkpoint
         cfg = ckpt["config"]
         model = build_model(cfg["model"], len(cfg["class_names"]), cfg["class_names"])
@@ -63,9 +73,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         fed = Federation.load(args.federation)
     except (FederationError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        errors.print(f"[red]error:[/red] {exc}")
         return 2
     records = fed.server_records() if args.labels == "server" else fed.all_train_records()
+    # Ultralytics sets OMP_NUM_THREADS=1 on import; a training command should use the machine.
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(args.seed)  # the model's initial weights
     out = Path(args.out or f"runs/train-{args.labels}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     config = {"model": args.model, "class_names": list(fed.class_names), "imgsz": args.imgsz, "labels": args.labels,
@@ -75,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if ckpt["config"] != config:
-            console.print(f"[red]error:[/red] {ckpt_path} was made with other settings {ckpt['config']}; use another --out")
+            errors.print(f"[red]error:[/red] {ckpt_path} was made with other settings {ckpt['config']}; use another --out")
             return 2
         set_state(model, ckpt["model_state"])
         start_epoch, opt_state, elapsed = ckpt["epoch"], ckpt["optimizer_state"], ckpt["seconds"]
@@ -118,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         fed = Federation.load(args.federation)
         model, meta = load_detection_model(args.model)
     except (FederationError, ModelError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        errors.print(f"[red]error:[/red] {exc}")
         return 2
     imgsz = args.imgsz or int(meta.get("imgsz", 640))
     results = evaluate_domains(model, fed.test_records(), imgsz, device=args.device)
