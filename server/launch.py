@@ -359,7 +359,7 @@ class LogFollower:
                 out.write(line)
                 out.flush()
                 if echo:
-                    console.print(line.rstrip("\n"), markup=False, highlight=False)
+                    console.print(line.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

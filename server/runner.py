@@ -111,7 +111,8 @@ class FederatedRun:
         self.grid = grid
         self.cfg = cfg
         self.strategy = strategy or get_strategy(cfg.strategy)
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        # Not a terminal (Flower's log stream): a fixed width so tables are not squeezed to 80 columns.
+        self.console = console or Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
         self.device = cfg.resolved_device()
         self.state = ServerState()
         self.discovery: Discovery | None = None
@@ -176,7 +177,7 @@ class FederatedRun:
         self.train_cache = LetterboxCache(cfg.imgsz)
         self.eval_caches: dict[str, LetterboxCache] = {}
         self.train_config = TrainConfig(imgsz=cfg.imgsz, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                                        weight_decay=cfg.weight_decay, epochs=1, trainable=GROUPS, augment="weak",
+                                        weight_decay=cfg.weight_decay, epochs=1, trainable=GROUPS, augment=cfg.server_augment,
                                         seed=cfg.seed, device=self.device,
                                         progress=cfg.progress and sys.stdout.isatty())
         self.loggers = rd.OptionalLoggers(self.run_dir.path, cfg.tensorboard, cfg.mlflow, self.run_dir.path.name, run_config)
@@ -246,7 +247,8 @@ class FederatedRun:
         needed = required_replies(self.fed.num_clients, cfg.min_reply_fraction)
         if len(found.nodes) < needed:
             raise RunFailed(f"only {len(found.nodes)} of {self.fed.num_clients} clients answered the partition query "
-                            f"(min-reply-fraction {cfg.min_reply_fraction} needs {needed})")
+                            f"(min-reply-fraction {cfg.min_reply_fraction} needs {needed}); in simulation start one SuperNode "
+                            f"per client: flwr run ... --federation-config 'num-supernodes={self.fed.num_clients}'")
         self.discovery = found
         self.say("clients: " + ", ".join(f"{pid}={info.get('domain')}({info.get('images')})" for pid, info in sorted(found.info.items())))
 
@@ -274,7 +276,7 @@ class FederatedRun:
                                                                cache=self.train_cache, seed_parts=(step.index, epoch))
             server.append(stats.as_metrics())
         if server:
-            row["server"] = {k: float(np.mean([s[k] for s in server])) for k in server[-1]}
+            row["server"] = {k: float(np.mean([s.get(k, 0.0) for s in server])) for k in server[-1]}
             row["server"]["epochs"] = len(server)
             row["server"]["orthogonality"] = bool(step.orthogonality and cfg.ortho_lambda > 0)
         if step.evaluate:

@@ -100,8 +100,10 @@ def discover_partitions(grid, expected: int, timeout: float, config: Mapping | N
     """
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
+    if len(node_ids) < expected:
+        log.warning("%d of %d clients connected; waiting up to %.0fs (simulation: flwr run ... --federation-config "
+                    "'num-supernodes=%d')", len(node_ids), expected, timeout, expected)
     while len(node_ids) < expected and time.monotonic() < deadline:
-        log.info("waiting for clients: %d of %d connected", len(node_ids), expected)
         time.sleep(poll)
         node_ids = list(grid.get_node_ids())
     found = Discovery()
