@@ -1,4 +1,6 @@
-"""Centralised semi-supervised check: do pseudo labels on shifted unlabelled images help on that domain?
+"""Run with: python -m pytest -s benchmarks/semi_centralised_check.py (not in the suite until it is shown to pass).
+
+Centralised semi-supervised check: do pseudo labels on shifted unlabelled images help on that domain?
 
 Warm up yolo11n on clear labelled synthetic scenes (mAP50 >= 0.25 asserted), then, per seed:
 

@@ -443,7 +443,7 @@ def add_run_command(subparsers: argparse._SubParsersAction) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         return _cmd_run(args)
-    except (LaunchError, ConfigError, FileNotFoundError) as exc:
+    except (LaunchError, ConfigError, FileNotFoundError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
 

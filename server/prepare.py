@@ -9,6 +9,7 @@ the federation is complete.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -45,7 +46,10 @@ def ensure_synthetic_federation(manifest: Path, *, num_images: int, imgsz: int, 
         The manifest and whether it was built now.
     """
     manifest = Path(manifest)
+    wanted = {"num_clients": int(num_clients), "weathers": list(weathers), "server_fraction": server_fraction,
+              "test_fraction": test_fraction}
     if manifest.exists():
+        check_synthetic_federation(manifest, wanted)
         return manifest, False
     if num_images <= 0:
         raise FileNotFoundError(f"no federation manifest at {manifest} (and synthetic-images=0, so none is built); "
@@ -55,6 +59,7 @@ def ensure_synthetic_federation(manifest: Path, *, num_images: int, imgsz: int, 
     with open(folder / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds the manifest
         if manifest.exists():
+            check_synthetic_federation(manifest, wanted)
             return manifest, False
         from detection.datasets import read_yolo_dataset
         from detection.federation import build_federation
@@ -73,3 +78,18 @@ def ensure_synthetic_federation(manifest: Path, *, num_images: int, imgsz: int, 
         if built != manifest:
             raise RuntimeError(f"federation written to {built}, expected {manifest}")
     return manifest, True
+
+
+def check_synthetic_federation(manifest: Path, wanted: dict) -> None:
+    """Refuse to reuse a manifest built with other synthetic settings (another run's federation).
+
+    Only manifests made by the weather rule are checked; a user's own federation is used as is.
+    """
+    created = json.loads(Path(manifest).read_text(encoding="utf-8")).get("created_by", {})
+    if created.get("domain_rule") != "weather":
+        return
+    differing = {k: (created.get(k), v) for k, v in wanted.items() if created.get(k) != v}
+    if differing:
+        text = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in differing.items())
+        raise ValueError(f"{manifest} was built with other synthetic settings ({text}); point run-config "
+                         "'federation' at another folder or delete that one")
