@@ -47,6 +47,19 @@ def _client_data(msg: Message, context: Context) -> ClientData:
     return ClientData.load(manifest, pid)
 
 
+def examples_used(stats) -> int:
+    """FedAvg weight: the local images, less the share the teacher gave too few reliable boxes to use.
+
+    With ``min-reliable-boxes`` a client may train on a fraction of its images (foggy images under
+    a clear-weather teacher: often under 10%); weighting it by all its images would let a barely
+    trained model count as much as a well-trained one. At least 1, so a round never has zero weight.
+    """
+    used, skipped = stats.extra.get("pseudo_images", 0.0), stats.extra.get("images_skipped", 0.0)
+    if used + skipped <= 0:
+        return max(1, int(stats.num_examples))
+    return max(1, int(round(stats.num_examples * used / (used + skipped))))
+
+
 @app.query("partition")
 def query_partition(msg: Message, context: Context) -> Message:
     """Who am I: partition id, domain, number of images (no labels, no images leave the node)."""
@@ -90,7 +103,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update(stats.as_metrics())
     if ins.evaluate_personal:
         metrics.update(evaluate_personal(model, data, ins.imgsz, device))
-    metrics.update({protocol.NUM_EXAMPLES: float(stats.num_examples), protocol.PARTITION_ID: float(data.partition_id),
+    metrics.update({protocol.NUM_EXAMPLES: float(examples_used(stats)), "local_images": float(len(data.images)),
+                    protocol.PARTITION_ID: float(data.partition_id),
                     "threads": float(threads), "client_seconds": time.perf_counter() - start})
     upload = ArrayRecord(get_state(model, strategy.upload_keys(model, ins.upload)))
     info = ConfigRecord({"domain": data.domain, "phase": ins.phase})

@@ -140,7 +140,7 @@ class RunConfig:
     strategy: str = "fedavg"
     federation: str = "federations/synthetic-weather"
     synthetic_images: int = 1600
-    synthetic_weathers: str = "rainy,foggy,night"
+    synthetic_weathers: str = "rainy,snowy,foggy"
     synthetic_clients: int = 3
     synthetic_server_fraction: float = 0.25
     synthetic_test_fraction: float = 0.15

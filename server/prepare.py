@@ -49,7 +49,8 @@ def ensure_synthetic_federation(manifest: Path, *, num_images: int, imgsz: int, 
     wanted = {"num_clients": int(num_clients), "weathers": list(weathers), "server_fraction": server_fraction,
               "test_fraction": test_fraction}
     if manifest.exists():
-        check_synthetic_federation(manifest, wanted)
+        if num_images > 0:  # a synthetic run: the manifest must be the one it asks for
+            check_synthetic_federation(manifest, wanted)
         return manifest, False
     if num_images <= 0:
         raise FileNotFoundError(f"no federation manifest at {manifest} (and synthetic-images=0, so none is built); "
