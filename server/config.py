@@ -22,7 +22,7 @@ from detection.ultralytics_env import fedsto_home
 METHODS = ("partial", "full", "ssfl", "fedsto-st", "fedsto")
 PSEUDO_MODES = ("soft", "ignore", "drop")
 ORTHO_FORMS = ("srip", "symmetric")
-AUGMENTS = ("strong", "weak", "none")
+AUGMENTS = ("strong", "standard", "weak", "none")
 
 
 class ConfigError(ValueError):
@@ -68,7 +68,8 @@ class RunConfig:
         Training settings shared by server and clients (paper: SGD, constant lr 0.01).
     server_augment : str
         Augmentation of the server's supervised epochs: ``strong`` (flip, scale jitter, colour
-        jitter, blur, grey, cutout: the student's view), ``weak`` (flip) or ``none``. YOLOv5, the
+        jitter, blur, grey, cutout: the student's view), ``standard`` (flip + Ultralytics' HSV
+        jitter), ``weak`` (flip) or ``none``. YOLOv5, the
         paper's detector, trains with HSV/scale/mosaic augmentation; flip alone gives a teacher
         that sees next to nothing on snowy or foggy images (measured: snowy mAP50 0.015 vs 0.24).
     warmup_epochs : int

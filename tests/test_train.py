@@ -156,7 +156,7 @@ def test_fedsto_train_refuses_to_resume_with_other_settings(weather_federation, 
     assert fedsto_main(train_args(weather_federation, out, 1)) == 0
     capsys.readouterr()
     assert fedsto_main(train_args(weather_federation, out, 2, "--lr", "0.02")) == 2
-    assert "other settings" in capsys.readouterr().out
+    assert "other settings" in capsys.readouterr().err
     assert logged_epochs(out) == [1]
 
 
