@@ -20,7 +20,7 @@ from detection.images import LetterboxCache, to_model_batch
 from detection.metrics import NmsConfig, postprocess
 from detection.pseudo_labels import PSEUDO_MODES, PseudoLabelLoss, match_counts, split_pseudo_labels
 from detection.records import ImageRecord
-from detection.train import TrainConfig, TrainStats, batches_per_epoch, run_steps
+from detection.train import TrainConfig, TrainStats, augment_view, batches_per_epoch, labelled_views, run_steps
 from detection.views import apply_view, derive_seed, strong_view, weak_view
 
 
@@ -45,6 +45,9 @@ class SemiConfig:
     min_reliable_boxes : int
         Images with fewer reliable pseudo boxes are left out of the step (counted), so a weak teacher
         does not teach "background" wholesale. 0 keeps every image.
+    labelled_augment : str
+        View of the labelled images mixed into each step when ``train_unlabelled`` gets
+        ``labelled`` records (centralised semi-supervised training; a FedSTO client has none).
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -56,6 +59,7 @@ class SemiConfig:
     nms_iou: float = 0.65
     pseudo_mode: str = "soft"
     min_reliable_boxes: int = 0
+    labelled_augment: str = "strong"
 
     def __post_init__(self) -> None:
         if self.pseudo_mode not in PSEUDO_MODES:
@@ -76,7 +80,8 @@ def _quality(counters: dict[str, float]) -> dict[str, float]:
 def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: SemiConfig, *,
                      regulariser: Callable[[], torch.Tensor] | None = None,
                      hidden_records: Sequence[ImageRecord] | None = None, seed_parts: Iterable[int] = (),
-                     cache: LetterboxCache | None = None, teacher: EmaTeacher | None = None) -> TrainStats:
+                     cache: LetterboxCache | None = None, teacher: EmaTeacher | None = None,
+                     labelled: Sequence[ImageRecord] = ()) -> TrainStats:
     """Train ``model`` in place on unlabelled images with local-EMA-teacher pseudo labels.
 
     Parameters
@@ -97,6 +102,10 @@ def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: Se
         Letterboxed images, reusable across calls.
     teacher : EmaTeacher, optional
         A teacher to reuse; it is reset from the model's current weights (a fresh one otherwise).
+    labelled : sequence of ImageRecord, optional
+        Labelled images; each step then adds ``batch_size`` of them (true boxes as reliable boxes of
+        score 1) to the pseudo-labelled ones, so one loss sums the supervised and the pseudo-label
+        terms (Unbiased-Teacher-style centralised training). Empty for a federated client.
 
     Returns
     -------
@@ -124,6 +133,7 @@ def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: Se
     nms = NmsConfig(conf=cfg.nms_conf, iou=cfg.nms_iou, max_det=300)
     loss_fn = PseudoLabelLoss(model.to(tc.device), cfg.pseudo_mode)
     empty = np.zeros((0, 4), np.float32)
+    labelled_view = augment_view(cfg.labelled_augment)
 
     def make_batch(indices: np.ndarray, step: int):
         weak_images, gts = [], []
@@ -163,6 +173,17 @@ def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: Se
             scores.append(s[kept])
             uncertain.append(u[kept])
             counters["pseudo_images"] += 1
+        if labelled:
+            rng = np.random.default_rng(derive_seed(tc.seed, *seed_parts, step, 2))
+            picked = rng.choice(len(labelled), size=min(tc.batch_size, len(labelled)), replace=False)
+            l_images, l_classes, l_boxes = labelled_views(labelled, picked, cache, labelled_view,
+                                                          lambda i: derive_seed(tc.seed, *seed_parts, step, i, 3))
+            images += l_images
+            classes += l_classes
+            boxes += l_boxes
+            scores += [np.ones(len(c), np.float32) for c in l_classes]
+            uncertain += [np.zeros(len(c), bool) for c in l_classes]
+            counters["labelled_images"] = float(len(picked))
         if not images:
             return None, counters
         batch = to_model_batch(images, classes, boxes, tc.device)

@@ -187,7 +187,7 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
     return stats, optimizer.state_dict()
 
 
-def _view(name: str):
+def augment_view(name: str):
     if name == "standard":
         return supervised_view()
     if name == "weak":
@@ -197,6 +197,22 @@ def _view(name: str):
     if name == "none":
         return None
     raise ValueError(f"augment={name!r}: expected 'standard', 'weak', 'strong' or 'none'")
+
+
+def labelled_views(records: Sequence[ImageRecord], indices: Iterable[int], cache: LetterboxCache, view,
+                   seed_of: Callable[[int], int]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Letterboxed images of ``records[indices]`` under ``view`` (None: as they are), with their classes and boxes."""
+    images, classes, boxes = [], [], []
+    for i in indices:
+        r = records[int(i)]
+        image, b, c = cache.get(r.path), cache.boxes(r.path, r.boxes), r.classes
+        if view is not None:
+            image, b, kept = apply_view(view, image, b, seed_of(int(i)))
+            c = c[kept]
+        images.append(image)
+        classes.append(c)
+        boxes.append(b)
+    return images, classes, boxes
 
 
 def train_labelled(model: torch.nn.Module, records: Sequence[ImageRecord], cfg: TrainConfig, *,
@@ -230,21 +246,11 @@ def train_labelled(model: torch.nn.Module, records: Sequence[ImageRecord], cfg: 
         raise ValueError("train_labelled: no labelled images")
     cache = cache if cache is not None and cache.imgsz == cfg.imgsz else LetterboxCache(cfg.imgsz)
     seed_parts = tuple(seed_parts)
-    view = _view(cfg.augment)
+    view = augment_view(cfg.augment)
     loss_fn = v8DetectionLoss(model.to(cfg.device))
 
     def make_batch(indices: np.ndarray, step: int):
-        images, classes, boxes = [], [], []
-        for i in indices:
-            r = records[int(i)]
-            image, b = cache.get(r.path), cache.boxes(r.path, r.boxes)
-            c = r.classes
-            if view is not None:
-                image, b, kept = apply_view(view, image, b, derive_seed(cfg.seed, *seed_parts, step, int(i)))
-                c = c[kept]
-            images.append(image)
-            classes.append(c)
-            boxes.append(b)
+        images, classes, boxes = labelled_views(records, indices, cache, view, lambda i: derive_seed(cfg.seed, *seed_parts, step, i))
         return to_model_batch(images, classes, boxes, cfg.device), {"boxes": float(sum(len(c) for c in classes))}
 
     stats, opt_state = run_steps(model, len(records), cfg, make_batch, loss_fn, regulariser, optimizer_state, seed_parts)

@@ -83,3 +83,16 @@ def test_drop_mode_and_bad_arguments(client_data):
         train_unlabelled(model, [], cfg)
     with pytest.raises(ValueError):
         train_unlabelled(model, paths, cfg, hidden_records=hidden[:3])
+
+
+def test_labelled_images_mixed_in_train_even_when_every_pseudo_image_is_skipped(client_data):
+    fed, paths, _ = client_data
+    labelled = fed.server_records()[:8]
+    model = build_model("yolo11n.yaml", len(fed.class_names))
+    before = get_state(model)
+    cfg = semi_cfg()
+    cfg.min_reliable_boxes = 10_000  # no unlabelled image qualifies: only the labelled ones train
+    stats = train_unlabelled(model, paths, cfg, labelled=labelled)
+    assert stats.steps == 2 and stats.extra["images_skipped"] == 16 and stats.extra["labelled_images"] == 16
+    after = get_state(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].dtype.is_floating_point)

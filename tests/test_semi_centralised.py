@@ -1,0 +1,89 @@
+"""Centralised semi-supervised check: do pseudo labels on unlabelled shifted images help there?
+
+Warm up yolo11n on clear labelled synthetic scenes (128 px, strong augmentation; mAP50 >= 0.25
+asserted). Then, per seed, from the same warm-up:
+
+* **pseudo**: ``train_unlabelled`` on the unlabelled foggy images with a local EMA teacher
+  (decay 0.999), ``ignore`` mode, images without a reliable pseudo box skipped, and each step's
+  batch of pseudo-labelled images joined by a batch of the server's labelled images (one loss);
+* **control**: ``train_labelled`` on the server's labels alone, for the same number of steps and
+  the same labelled batch size.
+
+Over two seeds the pseudo run must beat the control on the foggy test split by >= 0.02 mAP50 on
+average. ``tau_high`` is 0.4, not the paper's 0.6: the anchor-free head's scores are IoU-aware
+class scores (no objectness factor), and after a short warm-up they rarely pass 0.6 on fog
+(measured: reliable-box recall 0.01 at 0.6, 0.06 at 0.4 with precision 0.95). True labels of the
+unlabelled images serve only the printed precision/recall.
+"""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from detection.datasets import read_yolo_dataset
+from detection.federation import Federation, build_federation
+from detection.metrics import evaluate_records
+from detection.model import build_model, get_state, set_state
+from detection.semi import SemiConfig, train_unlabelled
+from detection.synthetic import write_synthetic_dataset
+from detection.train import TrainConfig, train_labelled
+
+IMGSZ = 128
+WARMUP_EPOCHS = 10
+STEPS = 90
+SHIFT = "foggy"
+
+
+@pytest.mark.slow
+def test_pseudo_labels_beat_labelled_only_control_on_shifted_domain(tmp_path, record_measurement):
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    data = write_synthetic_dataset(tmp_path / "synth", num_images=1200, imgsz=IMGSZ, seed=0, progress=False)
+    records, names, _ = read_yolo_dataset(data)
+    fed = Federation.load(build_federation(records, names, tmp_path / "fed", domain_rule="weather",
+                                           weathers=["rainy", "snowy", SHIFT], num_clients=3, server_fraction=0.3,
+                                           test_fraction=0.25, seed=0, progress=False))
+    client = next(c for c in range(fed.num_clients) if fed.client_domain(c) == SHIFT)
+    server, unlabelled, hidden = fed.server_records(), fed.client_images(client), fed.client_hidden_records(client)
+    tests = fed.test_records()
+
+    model = build_model("yolo11n.yaml", len(names), names)
+    train = TrainConfig(imgsz=IMGSZ, batch_size=16, augment="strong")
+    opt = None
+    for epoch in range(WARMUP_EPOCHS):
+        _, opt = train_labelled(model, server, train.replace(warmup_steps=30 if epoch == 0 else 0),
+                                optimizer_state=opt, seed_parts=(epoch,))
+    warm = get_state(model)
+    warm_clear = evaluate_records(model, tests["clear"], IMGSZ)["map50"]
+    warm_shift = evaluate_records(model, tests[SHIFT], IMGSZ)["map50"]
+    print(f"\nwarm-up: clear mAP50 {warm_clear:.3f}, {SHIFT} {warm_shift:.3f} ({time.perf_counter() - start:.0f}s); "
+          f"{len(server)} labelled, {len(unlabelled)} unlabelled {SHIFT}, {len(tests[SHIFT])} {SHIFT} test images")
+    assert warm_clear >= 0.25
+
+    gains, lines = [], []
+    semi = SemiConfig(train=TrainConfig(imgsz=IMGSZ, batch_size=16, max_steps=STEPS), ema_decay=0.999, tau_high=0.4,
+                      pseudo_mode="ignore", min_reliable_boxes=1)
+    for seed in (1, 2):
+        set_state(model, warm)
+        semi.train.seed = seed
+        stats = train_unlabelled(model, unlabelled, semi, hidden_records=hidden, labelled=server, seed_parts=(seed,))
+        pseudo = evaluate_records(model, tests[SHIFT], IMGSZ)["map50"]
+
+        set_state(model, warm)
+        train_labelled(model, server, train.replace(max_steps=STEPS, seed=seed), seed_parts=(seed,))
+        control = evaluate_records(model, tests[SHIFT], IMGSZ)["map50"]
+        gains.append(pseudo - control)
+        x = stats.extra
+        lines.append(f"seed {seed}: {SHIFT} mAP50 pseudo {pseudo:.3f} vs control {control:.3f} ({pseudo - control:+.3f}); "
+                     f"reliable pseudo boxes {x['pseudo_reliable']:.0f} precision {x['pseudo_reliable_precision']:.2f} "
+                     f"recall {x['pseudo_reliable_recall']:.2f}, uncertain precision {x['pseudo_uncertain_precision']:.2f}, "
+                     f"{x['images_skipped']:.0f} unlabelled images skipped")
+        print(lines[-1])
+    summary = (f"centralised semi-supervised check: mean {SHIFT} mAP50 gain {np.mean(gains):+.3f} over 2 seeds "
+               f"(warm-up clear {warm_clear:.3f}, {SHIFT} {warm_shift:.3f}; {time.perf_counter() - start:.0f}s)")
+    print(summary)
+    for line in [summary, *lines]:
+        record_measurement(line)
+    assert np.mean(gains) >= 0.02
