@@ -4,16 +4,24 @@ Warm up yolo11n on clear labelled synthetic scenes (128 px, strong augmentation;
 asserted). Then, per seed, from the same warm-up:
 
 * **pseudo**: ``train_unlabelled`` on the unlabelled foggy images with a local EMA teacher
-  (decay 0.999), ``ignore`` mode, images without a reliable pseudo box skipped, and each step's
-  batch of pseudo-labelled images joined by a batch of the server's labelled images (one loss);
-* **control**: ``train_labelled`` on the server's labels alone, for the same number of steps and
-  the same labelled batch size.
+  (decay 0.999) and ``ignore`` mode, each step's pseudo-labelled batch joined by a batch of the
+  server's labelled images (one loss);
+* **control**: ``train_labelled`` on the server's labels alone, for the same number of steps, the
+  same labelled batch size and the same learning rate.
 
 Over two seeds the pseudo run must beat the control on the foggy test split by >= 0.02 mAP50 on
-average. ``tau_high`` is 0.4, not the paper's 0.6: the anchor-free head's scores are IoU-aware
-class scores (no objectness factor), and after a short warm-up they rarely pass 0.6 on fog
-(measured: reliable-box recall 0.01 at 0.6, 0.06 at 0.4 with precision 0.95). True labels of the
-unlabelled images serve only the printed precision/recall.
+average. Settings, and why (measured on this data, 2026-11-30):
+
+* lr 0.002 for both arms (a fine-tuning rate; the warm-up uses 0.01): at 0.01 the endpoint of a
+  90-step run swings so much that the control alone scored foggy 0.105 and 0.393 for two seeds,
+  drowning any effect either way;
+* ``tau_high`` 0.4, not the paper's 0.6: the anchor-free head's scores are IoU-aware class scores
+  (no objectness factor) and after a short warm-up they rarely pass 0.6 on fog (reliable-box
+  recall 0.01 at 0.6);
+* no minimum-box filter: every foggy image passes through the student, so its BatchNorm
+  statistics see fog (with the filter, 80% of the images were skipped).
+
+True labels of the unlabelled images serve only the printed precision/recall.
 """
 
 import time
@@ -33,14 +41,16 @@ from detection.train import TrainConfig, train_labelled
 IMGSZ = 128
 WARMUP_EPOCHS = 10
 STEPS = 90
+LR = 0.002
 SHIFT = "foggy"
 
 
 @pytest.mark.slow
 def test_pseudo_labels_beat_labelled_only_control_on_shifted_domain(tmp_path, record_measurement):
     torch.set_num_threads(2)
+    torch.manual_seed(0)  # the model's initial weights: the same warm-up wherever the test runs in the suite
     start = time.perf_counter()
-    data = write_synthetic_dataset(tmp_path / "synth", num_images=1200, imgsz=IMGSZ, seed=0, progress=False)
+    data = write_synthetic_dataset(tmp_path / "synth", num_images=1600, imgsz=IMGSZ, seed=0, progress=False)
     records, names, _ = read_yolo_dataset(data)
     fed = Federation.load(build_federation(records, names, tmp_path / "fed", domain_rule="weather",
                                            weathers=["rainy", "snowy", SHIFT], num_clients=3, server_fraction=0.3,
@@ -63,8 +73,8 @@ def test_pseudo_labels_beat_labelled_only_control_on_shifted_domain(tmp_path, re
     assert warm_clear >= 0.25
 
     gains, lines = [], []
-    semi = SemiConfig(train=TrainConfig(imgsz=IMGSZ, batch_size=16, max_steps=STEPS), ema_decay=0.999, tau_high=0.4,
-                      pseudo_mode="ignore", min_reliable_boxes=1)
+    semi = SemiConfig(train=TrainConfig(imgsz=IMGSZ, batch_size=16, max_steps=STEPS, lr=LR), ema_decay=0.999,
+                      tau_high=0.4, pseudo_mode="ignore")
     for seed in (1, 2):
         set_state(model, warm)
         semi.train.seed = seed
@@ -72,7 +82,7 @@ def test_pseudo_labels_beat_labelled_only_control_on_shifted_domain(tmp_path, re
         pseudo = evaluate_records(model, tests[SHIFT], IMGSZ)["map50"]
 
         set_state(model, warm)
-        train_labelled(model, server, train.replace(max_steps=STEPS, seed=seed), seed_parts=(seed,))
+        train_labelled(model, server, train.replace(max_steps=STEPS, seed=seed, lr=LR), seed_parts=(seed,))
         control = evaluate_records(model, tests[SHIFT], IMGSZ)["map50"]
         gains.append(pseudo - control)
         x = stats.extra
