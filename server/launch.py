@@ -479,6 +479,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for method, values in runs:
         check_keys(values, app)
         cfg = RunConfig.from_run_config(values)
+        if not cfg.resume and (cfg.run_dir() / rd.CONFIG).exists():
+            # Refused here, before anything starts: the ServerApp would refuse too, but only after
+            # the SuperLink and the simulation are up, and the old run's table would be printed.
+            raise LaunchError(f"{cfg.run_dir()} already holds a run; use another --out, or continue it with "
+                              f"fedsto run --resume {cfg.run_dir()}")
         manifest = cfg.federation_path()
         if manifest not in prepared:
             manifest, built = ensure_synthetic_federation(

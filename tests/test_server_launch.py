@@ -120,3 +120,15 @@ def test_reuses_a_superlink_with_installation_disabled(fake_superlink, tmp_path)
     assert link.pid == proc.pid and link.process is None
     link.stop()  # not ours: left running
     assert proc.poll() is None
+
+
+def test_refuses_an_output_folder_that_already_holds_a_run_before_starting_anything(tmp_path, capsys, monkeypatch):
+    from server.cli import main as fedsto_main
+
+    (tmp_path / "out" / "fedsto").mkdir(parents=True)
+    (tmp_path / "out" / "fedsto" / "config.json").write_text("{}")
+    monkeypatch.setattr(LocalSuperLink, "start", lambda self: pytest.fail("a SuperLink was started"))
+    assert fedsto_main(["run", "--preset", "smoke", "--method", "fedsto", "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "already holds a run" in captured.out + captured.err and "--resume" in captured.out + captured.err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fedsto"]
