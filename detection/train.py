@@ -7,7 +7,6 @@ semi-supervised client loop (``detection.semi``) reuses :func:`run_steps` with i
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -187,16 +186,14 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
     return stats, optimizer.state_dict()
 
 
+AUGMENTS = {"standard": supervised_view, "weak": weak_view, "strong": strong_view, "none": lambda: None}
+
+
 def augment_view(name: str):
-    if name == "standard":
-        return supervised_view()
-    if name == "weak":
-        return weak_view()
-    if name == "strong":
-        return strong_view()
-    if name == "none":
-        return None
-    raise ValueError(f"augment={name!r}: expected 'standard', 'weak', 'strong' or 'none'")
+    """The view an ``augment`` name stands for (None for ``none``)."""
+    if name not in AUGMENTS:
+        raise ValueError(f"augment={name!r}: expected one of {', '.join(AUGMENTS)}")
+    return AUGMENTS[name]()
 
 
 def labelled_views(records: Sequence[ImageRecord], indices: Iterable[int], cache: LetterboxCache, view,

@@ -200,7 +200,6 @@ def _foggy(image: np.ndarray, rng: np.random.Generator, seed: int) -> np.ndarray
 
 def _night(image: np.ndarray, rng: np.random.Generator, seed: int) -> np.ndarray:
     h, w = image.shape[:2]
-    s = _scale(image)
     x = _as_float(image)
     # Dark and blue: low light is mostly blue-green to the eye and the camera (Purkinje shift).
     x = _grade(x, saturation=0.55, contrast=1.0, brightness=1.0, tint=(0.7, 0.85, 1.25))

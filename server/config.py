@@ -13,16 +13,16 @@ import dataclasses
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from detection.orthogonality import FORMS as ORTHO_FORMS
+from detection.pseudo_labels import PSEUDO_MODES
+from detection.train import AUGMENTS
 from detection.ultralytics_env import fedsto_home
 
 METHODS = ("partial", "full", "ssfl", "fedsto-st", "fedsto")
-PSEUDO_MODES = ("soft", "ignore", "drop")
-ORTHO_FORMS = ("srip", "symmetric")
-AUGMENTS = ("strong", "standard", "weak", "none")
 
 
 class ConfigError(ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Mapping
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -59,11 +60,16 @@ class InProcessGrid:
             self._counter += 1
             self.sent.append(msg)
             context = self.contexts[msg.metadata.dst_node_id]
+            # A ClientApp sets its process's thread count (client-threads); here that process is the
+            # server's, so its count is put back, as if the client had run elsewhere.
+            threads = torch.get_num_threads()
             try:
                 if self.fail is not None and self.fail(self.partition_of(msg.metadata.dst_node_id), msg):
                     raise RuntimeError("injected client failure")
                 reply = self.app(msg, context)
             except Exception as exc:  # noqa: BLE001  (Flower turns handler exceptions into error replies too)
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            finally:
+                torch.set_num_threads(threads)
             replies.append(reply)
         return replies

@@ -259,7 +259,7 @@ class LocalSuperLink:
         """
         if self.process is None or self.process.poll() is not None:
             return
-        groups = {info[2] for pid in descendants(self.process.pid) if (info := _stat(pid)) is not None} | {self.process.pid}
+        groups = {info[2] for pid in descendants(self.process.pid) if (info := process_stat(pid)) is not None} | {self.process.pid}
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             for pgid in groups:
                 try:
@@ -267,9 +267,9 @@ class LocalSuperLink:
                 except (ProcessLookupError, PermissionError):
                     pass
             deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+            while _any_group_alive(groups) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            if not any(_group_alive(g) for g in groups):
+            if not _any_group_alive(groups):
                 break
         try:
             self.process.wait(5)
@@ -277,7 +277,7 @@ class LocalSuperLink:
             pass
 
 
-def _stat(pid: int) -> tuple[str, int, int] | None:
+def process_stat(pid: int) -> tuple[str, int, int] | None:
     """(state, ppid, pgid) of a process from ``/proc/<pid>/stat``, or None if it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -289,7 +289,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
 def _processes() -> dict[int, tuple[str, int, int]]:
     out = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (info := _stat(int(entry.name))) is not None:
+        if entry.name.isdigit() and (info := process_stat(int(entry.name))) is not None:
             out[int(entry.name)] = info
     return out
 
@@ -307,8 +307,9 @@ def descendants(root: int) -> list[int]:
     return out
 
 
-def _group_alive(pgid: int) -> bool:
-    return any(g == pgid and state not in ("Z", "X") for state, _, g in _processes().values())
+def _any_group_alive(pgids: set[int]) -> bool:
+    """Whether a live (not zombie) process is left in any of the process groups ``pgids``."""
+    return any(g in pgids and state not in ("Z", "X") for state, _, g in _processes().values())
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -409,7 +410,7 @@ def wait_for_run(run_id: int, run_dir: Path, connection: str, env: Mapping[str, 
 
 def run_verdict(run_dir: Path, flwr_status_text: str) -> tuple[bool, str]:
     """A run succeeded only if its own ``result.json`` says completed *and* Flower says completed."""
-    result = rd.RunDir(run_dir).read_json(rd.RESULT) if (run_dir / rd.CONFIG).exists() else None
+    result = rd.RunDir(run_dir).read_json(rd.RESULT) if rd.holds_run(run_dir) else None
     own = (result or {}).get("status", "missing")
     if own == "completed" and flwr_status_text == "finished:completed":
         return True, "completed"
@@ -452,7 +453,7 @@ def _plan_runs(args: argparse.Namespace, app: Path) -> tuple[list[tuple[str, dic
     extra = parse_overrides(args.extra or [])
     if args.resume:
         run_dir = Path(args.resume).resolve()
-        saved = rd.RunDir(run_dir).config()["run_config"] if (run_dir / rd.CONFIG).exists() else None
+        saved = rd.RunDir(run_dir).config()["run_config"] if rd.holds_run(run_dir) else None
         if saved is None:
             raise LaunchError(f"--resume {run_dir}: not a run directory (no {rd.CONFIG})")
         values = {**saved, **extra, "resume": str(run_dir)}
@@ -479,7 +480,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for method, values in runs:
         check_keys(values, app)
         cfg = RunConfig.from_run_config(values)
-        if not cfg.resume and (cfg.run_dir() / rd.CONFIG).exists():
+        if not cfg.resume and rd.holds_run(cfg.run_dir()):
             # Refused here, before anything starts: the ServerApp would refuse too, but only after
             # the SuperLink and the simulation are up, and the old run's table would be printed.
             raise LaunchError(f"{cfg.run_dir()} already holds a run; use another --out, or continue it with "
@@ -524,7 +525,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             ok, verdict = run_verdict(run_dir, status)
             console.print(f"{method}: run {run_id} {verdict} in {time.monotonic() - t0:.0f}s", style="green" if ok else "bold red")
             ok_all &= ok
-            if (run_dir / rd.CONFIG).exists():
+            if rd.holds_run(run_dir):
                 run_dirs.append(run_dir)
     finally:
         superlink.stop()

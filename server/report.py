@@ -8,7 +8,7 @@ report can be rebuilt anywhere, any time.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,7 @@ class RunSummary:
 def load_run(path: str | Path) -> RunSummary:
     """Read a run directory; raises FileNotFoundError naming what is missing."""
     path = Path(path).resolve()
-    if not (path / rd.CONFIG).exists():
+    if not rd.holds_run(path):
         raise FileNotFoundError(f"{path}: not a run directory (no {rd.CONFIG})")
     run = rd.RunDir(path)
     config = run.config()

@@ -49,6 +49,11 @@ class RunDirError(RuntimeError):
     """A run directory that cannot be created or resumed as asked."""
 
 
+def holds_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run directory (its ``config.json`` is written first, when the run starts)."""
+    return (Path(path) / CONFIG).exists()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -100,7 +105,7 @@ class RunDir:
     def create(cls, path: str | os.PathLike, config: Mapping[str, Any], keep: int = 2) -> "RunDir":
         """A fresh run directory; refuses one that already holds a run."""
         run = cls(path, keep)
-        if (run.path / CONFIG).exists():
+        if holds_run(run.path):
             raise RunDirError(f"{run.path} already holds a run ({CONFIG} exists); pass resume={run.path} to continue it "
                               "or choose another output-dir")
         run.path.mkdir(parents=True, exist_ok=True)
@@ -112,7 +117,7 @@ class RunDir:
     def reopen(cls, path: str | os.PathLike, run_config: Mapping[str, Any], keep: int = 2) -> "RunDir":
         """An existing run directory to resume; its run config must match the current one."""
         run = cls(path, keep)
-        if not (run.path / CONFIG).exists():
+        if not holds_run(run.path):
             raise RunDirError(f"resume={run.path}: no {CONFIG} there (not a run directory)")
         saved = run.config().get("run_config", {})
         diff = config_differences(saved, run_config)

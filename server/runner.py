@@ -22,9 +22,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -134,8 +132,7 @@ class FederatedRun:
 
     def _prepare(self) -> None:
         cfg = self.cfg
-        self.threads = cfg.server_threads or os.cpu_count() or 1
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(cfg.server_threads or os.cpu_count() or 1)
         manifest = cfg.federation_path()
         manifest, built = ensure_synthetic_federation(
             manifest, num_images=cfg.synthetic_images, imgsz=cfg.synthetic_imgsz, num_clients=cfg.synthetic_clients,
@@ -264,9 +261,6 @@ class FederatedRun:
                 self.state.teacher_checked = True
             row.update(self._client_round(step))
         server = []
-        # In-process clients (tests, debugging) set this process's thread count; the server's own
-        # count is restored so results do not depend on where the clients ran.
-        torch.set_num_threads(self.threads)
         for epoch in range(step.server_epochs):
             reg = None
             if step.orthogonality and cfg.ortho_lambda > 0:

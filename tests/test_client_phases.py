@@ -16,11 +16,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 import client.app
 from client.protocol import RoundInstructions
-from detection.model import build_model, get_state, select_keys, set_state
+from detection.model import get_state, select_keys
 from server.config import RunConfig
 from server.inprocess import InProcessGrid
 from server.rundir import RunDir
 from server.runner import FederatedRun, RunFailed
+
+from helpers import without_timings
 
 IMGSZ = 96
 
@@ -160,15 +162,6 @@ def test_half_the_replies_are_enough_when_allowed(weather_federation, warm_weigh
                      **{"phase2-rounds": 0, "min-reply-fraction": 0.5, "eval-personal": False})
     result = FederatedRun(grid, cfg).run()
     assert result["status"] == "completed" and result["failures"] == 1 and result["failures_by_step"] == {"1": 1}
-
-
-def without_timings(value):
-    """Metrics with wall-clock fields removed (everything else must be reproducible)."""
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if "seconds" not in k and k != "elapsed"}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
 
 
 class Crash(BaseException):

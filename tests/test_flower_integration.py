@@ -26,9 +26,11 @@ import pytest
 import torch
 
 from server.config import METHODS
-from server.launch import LocalSuperLink, descendants, flwr_cmd, flwr_status, submit, write_run_config
+from server.launch import LocalSuperLink, descendants, flwr_status, process_stat, submit, write_run_config
 from server.plan import build_plan
-from server.rundir import RunDir
+from server.rundir import RunDir, holds_run
+
+from helpers import without_timings
 
 pytestmark = pytest.mark.integration
 
@@ -128,14 +130,6 @@ def test_smoke_preset_all_methods(smoke_runs, tmp_path):
     assert (out / "results.md").exists()
 
 
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if "seconds" not in k and k != "elapsed"}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
-
 def direct_run(config: dict, link: LocalSuperLink, out: Path) -> int:
     """``flwr run <app> local --run-config <toml>``, as a user would type it; returns the run id."""
     toml = write_run_config(out.parent / f"{out.name}.toml", {**config, "output-dir": str(out)}, "integration test")
@@ -185,15 +179,15 @@ def test_same_seed_same_result_and_resume_after_sigkill(smoke_runs, home):
         run_id = direct_run(config, link, killed)
         deadline = time.monotonic() + RUN_TIMEOUT
         while time.monotonic() < deadline:
-            progress = RunDir(killed).read_json("progress.json") if (killed / "config.json").exists() else None
+            progress = RunDir(killed).read_json("progress.json") if holds_run(killed) else None
             if progress and progress["done"] >= 2:
                 break
             time.sleep(0.05)
         else:
             pytest.fail("the run never reached its last step")
-        groups = {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
-                  for pid in descendants(link.process.pid)
-                  if "flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")}
+        groups = {info[2] for pid in descendants(link.process.pid)
+                  if "flwr-simulation" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                  and (info := process_stat(pid)) is not None}
         assert groups, "no flwr-simulation process found"
         for pgid in groups:
             os.killpg(pgid, signal.SIGKILL)

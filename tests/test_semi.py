@@ -1,6 +1,5 @@
 """train_unlabelled: frozen groups, EMA teacher reset and movement, minimum-box filter, diagnostics."""
 
-import numpy as np
 import pytest
 import torch
 
