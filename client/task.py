@@ -28,7 +28,7 @@ from detection.pseudo_labels import match_counts, split_pseudo_labels
 from detection.records import ImageRecord
 from detection.semi import SemiConfig, train_unlabelled
 from detection.train import TrainConfig, TrainStats
-from detection.views import derive_seed
+from detection.seeds import derive_seed
 
 # Seed stream of the client-side regulariser's power-iteration vectors (apart from training streams).
 ORTHO_STREAM = 0x0C1E

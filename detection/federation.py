@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from detection.records import ImageRecord, SkipReport
+from detection.seeds import derive_seed
 
 FORMAT = "fedsto-federation/1"
 MANIFEST_NAME = "federation.json"
@@ -490,11 +491,6 @@ def _deal_dirichlet(pool, domain, num_clients, alpha, rng, client) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Writing
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """Per-image seed from the federation seed and the image's index (independent streams)."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
 def manifest_file_path(path: str | Path, root: Path) -> str:

@@ -20,8 +20,9 @@ from detection.images import LetterboxCache, to_model_batch
 from detection.metrics import NmsConfig, postprocess
 from detection.pseudo_labels import PSEUDO_MODES, PseudoLabelLoss, match_counts, split_pseudo_labels
 from detection.records import ImageRecord
+from detection.seeds import derive_seed
 from detection.train import TrainConfig, TrainStats, augment_view, batches_per_epoch, labelled_views, run_steps
-from detection.views import apply_view, derive_seed, strong_view, weak_view
+from detection.views import apply_view, strong_view, weak_view
 
 
 @dataclass

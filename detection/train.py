@@ -21,7 +21,8 @@ from ultralytics.utils.loss import v8DetectionLoss
 from detection.images import LetterboxCache, to_model_batch
 from detection.model import GROUPS, set_trainable_groups
 from detection.records import ImageRecord
-from detection.views import apply_view, derive_seed, strong_view, supervised_view, weak_view
+from detection.seeds import derive_seed
+from detection.views import apply_view, strong_view, supervised_view, weak_view
 
 
 @dataclass

@@ -19,11 +19,6 @@ from detection.images import PAD_VALUE
 _BBOXES = A.BboxParams(format="yolo", label_fields=["box_ids"], min_visibility=0.3, min_area=4.0, clip=True)
 
 
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed from a tuple of integers (seed, round, node, step, ...), stable across machines."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
 def weak_view() -> A.Compose:
     """Flip only: what the teacher sees, and the supervised loop's augmentation."""
     return A.Compose([A.HorizontalFlip(p=0.5)], bbox_params=_BBOXES)

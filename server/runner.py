@@ -39,7 +39,7 @@ from detection.metrics import evaluate_domains
 from detection.model import GROUPS, build_model, export_ultralytics, get_state, set_state
 from detection.orthogonality import OrthogonalityRegulariser
 from detection.train import TrainConfig, train_labelled
-from detection.views import derive_seed
+from detection.seeds import derive_seed
 from server import rundir as rd
 from server.config import RunConfig
 from server.plan import Plan, Step, build_plan

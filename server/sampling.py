@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from detection.views import derive_seed
+from detection.seeds import derive_seed
 
 log = logging.getLogger("fedsto.server")
 
