@@ -23,12 +23,11 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import protocol
-from client.protocol import RoundInstructions
 from client.task import (ClientData, build_client_model, evaluate_personal, finite_metrics, node_partition,
                          resolve_device, set_threads, teacher_check, train_round)
 from detection.model import get_state
-from strategies import get_strategy
+from strategies import get_strategy, protocol
+from strategies.protocol import RoundInstructions
 
 log = logging.getLogger("fedsto.client")
 
@@ -64,7 +63,7 @@ def examples_used(stats) -> int:
 def query_partition(msg: Message, context: Context) -> Message:
     """Who am I: partition id, domain, number of images (no labels, no images leave the node)."""
     data = _client_data(msg, context)
-    info = ConfigRecord({protocol.PARTITION_ID: data.partition_id, "domain": data.domain, "images": len(data.images),
+    info = ConfigRecord({protocol.PARTITION_ID: data.partition_id, protocol.DOMAIN: data.domain, "images": len(data.images),
                          "federation": str(data.federation.path)})
     return Message(RecordDict({protocol.INFO: info}), reply_to=msg)
 
@@ -74,7 +73,7 @@ def evaluate_teacher(msg: Message, context: Context) -> Message:
     """Warm-up quality check: pseudo boxes per image of the broadcast model on this client's images."""
     ins = RoundInstructions.from_config(msg.content[protocol.CONFIG])
     data = _client_data(msg, context)
-    set_threads(ins.threads)
+    set_threads(ins.client_threads)
     device = resolve_device()
     model = build_client_model(ins, data)
     strategy = get_strategy(ins.strategy)
@@ -82,7 +81,7 @@ def evaluate_teacher(msg: Message, context: Context) -> Message:
     result = teacher_check(model, data, ins, device)
     result[protocol.PARTITION_ID] = float(data.partition_id)
     result[protocol.NUM_EXAMPLES] = float(len(data.images))
-    info = ConfigRecord({"domain": data.domain})
+    info = ConfigRecord({protocol.DOMAIN: data.domain})
     return Message(RecordDict({protocol.METRICS: MetricRecord(finite_metrics(result)), protocol.INFO: info}), reply_to=msg)
 
 
@@ -92,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     ins = RoundInstructions.from_config(msg.content[protocol.CONFIG])
     data = _client_data(msg, context)
-    threads = set_threads(ins.threads)
+    threads = set_threads(ins.client_threads)
     device = resolve_device()
     strategy = get_strategy(ins.strategy)
     model = build_client_model(ins, data)
@@ -107,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
                     protocol.PARTITION_ID: float(data.partition_id),
                     "threads": float(threads), "client_seconds": time.perf_counter() - start})
     upload = ArrayRecord(get_state(model, strategy.upload_keys(model, ins.upload)))
-    info = ConfigRecord({"domain": data.domain, "phase": ins.phase})
+    info = ConfigRecord({protocol.DOMAIN: data.domain, "phase": ins.phase})
     log.info("partition %d round %d (%s): %d steps, %.1fs", data.partition_id, ins.server_round, ins.phase, stats.steps,
              metrics["client_seconds"])
     return Message(RecordDict({protocol.ARRAYS: upload, protocol.METRICS: MetricRecord(finite_metrics(metrics)),

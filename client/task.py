@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.protocol import RoundInstructions
 from detection.federation import Federation
 from detection.images import LetterboxCache
 from detection.metrics import NmsConfig, evaluate_records, predict_records
 from detection.model import build_model
 from detection.orthogonality import OrthogonalityRegulariser
-from detection.pseudo_labels import match_counts, split_pseudo_labels
+from detection.pseudo_labels import count_pseudo_boxes, pseudo_box_quality, split_pseudo_labels
 from detection.records import ImageRecord
+from detection.seeds import derive_seed
 from detection.semi import SemiConfig, train_unlabelled
 from detection.train import TrainConfig, TrainStats
-from detection.seeds import derive_seed
+from strategies.protocol import RoundInstructions
 
 # Seed stream of the client-side regulariser's power-iteration vectors (apart from training streams).
 ORTHO_STREAM = 0x0C1E
@@ -111,13 +111,9 @@ def semi_config(ins: RoundInstructions, device: str) -> SemiConfig:
     train = TrainConfig(imgsz=ins.imgsz, batch_size=ins.batch_size, lr=ins.lr, momentum=ins.momentum,
                         weight_decay=ins.weight_decay, epochs=ins.local_epochs, trainable=tuple(ins.trainable),
                         seed=ins.seed, device=device, progress=False, description=f"round {ins.server_round}")
-    return SemiConfig(train=train, ema_decay=_ema(ins.ema_decay), tau_low=ins.tau_low, tau_high=ins.tau_high,
+    return SemiConfig(train=train, ema_decay=ins.ema_decay, tau_low=ins.tau_low, tau_high=ins.tau_high,
                       nms_conf=ins.nms_conf, nms_iou=ins.nms_iou, pseudo_mode=ins.pseudo_mode,
                       min_reliable_boxes=ins.min_reliable_boxes)
-
-
-def _ema(value: str) -> float | str:
-    return "auto" if str(value).strip().lower() == "auto" else float(value)
 
 
 def combine(*terms: Callable[[], torch.Tensor] | None) -> Callable[[], torch.Tensor] | None:
@@ -139,7 +135,7 @@ def train_round(model: torch.nn.Module, data: ClientData, ins: RoundInstructions
     """
     ortho = None
     if ins.ortho_lambda > 0:
-        ortho = OrthogonalityRegulariser(model, groups=("neck", "head"), form=ins.ortho_form, coefficient=ins.ortho_lambda,
+        ortho = OrthogonalityRegulariser(model, form=ins.ortho_form, coefficient=ins.ortho_lambda,
                                          seed=derive_seed(ins.seed, ins.server_round, data.partition_id, ORTHO_STREAM))
     return train_unlabelled(model, data.images, semi_config(ins, device), regulariser=combine(ortho, extra_regulariser),
                             hidden_records=data.hidden, seed_parts=(ins.server_round, data.partition_id),
@@ -163,23 +159,18 @@ def teacher_check(model: torch.nn.Module, data: ClientData, ins: RoundInstructio
     records = data.hidden[:max_images] if max_images else data.hidden
     preds = predict_records(model, records, ins.imgsz, nms=NmsConfig(conf=ins.nms_conf, iou=ins.nms_iou),
                             cache=data.cache(ins.imgsz), device=device)
-    reliable = uncertain = true_boxes = tp_reliable = 0
+    sums: dict[str, float] = {}
     for record, det in zip(records, preds):
         split = split_pseudo_labels(det, ins.imgsz, ins.tau_low, ins.tau_high)
-        gt = data.cache(ins.imgsz).boxes(record.path, record.boxes)
-        reliable += split.num_reliable
-        uncertain += split.num_uncertain
-        true_boxes += len(record.classes)
-        tp_reliable += match_counts(split.reliable_boxes, split.reliable_classes, gt, record.classes)
+        counts = count_pseudo_boxes(split, record.classes, data.cache(ins.imgsz).boxes(record.path, record.boxes))
+        for key, value in counts.items():
+            sums[key] = sums.get(key, 0.0) + value
+    quality = pseudo_box_quality(sums) if records else {}
     n = max(1, len(records))
-    return {"images": float(len(records)), "reliable_per_image": reliable / n, "uncertain_per_image": uncertain / n,
-            "true_per_image": true_boxes / n, "reliable_precision": tp_reliable / reliable if reliable else 0.0,
-            "reliable_recall": tp_reliable / true_boxes if true_boxes else 0.0}
-
-
-def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Payload bytes of tensors (what an ArrayRecord of them carries, without keys)."""
-    return int(sum(t.numel() * t.element_size() for t in state.values()))
+    return {"images": float(len(records)), "reliable_per_image": sums.get("pseudo_reliable", 0.0) / n,
+            "uncertain_per_image": sums.get("pseudo_uncertain", 0.0) / n, "true_per_image": sums.get("true_boxes", 0.0) / n,
+            "reliable_precision": quality.get("pseudo_reliable_precision", 0.0),
+            "reliable_recall": quality.get("pseudo_reliable_recall", 0.0)}
 
 
 def finite_metrics(values: Mapping[str, float]) -> dict[str, float]:

@@ -23,18 +23,29 @@ def auto_ema_decay(num_steps: int, half_life_fraction: float = 0.25) -> float:
     return float(min(0.9999, max(0.5, 0.5 ** (1.0 / half_life))))
 
 
+def parse_ema_decay(decay: float | str) -> float | str:
+    """``"auto"`` or the decay as a float in (0, 1), from a number or its text.
+
+    Raises
+    ------
+    ValueError
+        For anything else (the message names ``ema-decay`` and what is expected).
+    """
+    if isinstance(decay, str) and decay.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(decay)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"ema-decay={decay!r}: expected 'auto' or a number in (0, 1)")
+    return value
+
+
 def resolve_ema_decay(decay: float | str, num_steps: int) -> float:
     """A float decay, or ``"auto"`` resolved from the number of local steps."""
-    if isinstance(decay, str):
-        if decay.strip().lower() != "auto":
-            try:
-                return resolve_ema_decay(float(decay), num_steps)
-            except ValueError:
-                raise ValueError(f"ema-decay={decay!r}: expected a number in (0, 1) or 'auto'") from None
-        return auto_ema_decay(num_steps)
-    if not 0.0 < float(decay) < 1.0:
-        raise ValueError(f"ema-decay={decay}: expected a number in (0, 1) or 'auto'")
-    return float(decay)
+    value = parse_ema_decay(decay)
+    return auto_ema_decay(num_steps) if value == "auto" else value
 
 
 def ema_update_(teacher: Mapping[str, torch.Tensor], student: Mapping[str, torch.Tensor], decay: float) -> None:

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from detection.model import is_fixed_parameter, modules_of_group
 
 FORMS = ("srip", "symmetric")
+# FedSTO regularises the neck and the head (the backbone is what phase 1 shares).
+ORTHO_GROUPS = ("neck", "head")
 
 
 def weight_matrices(conv: torch.nn.Conv2d) -> list[torch.Tensor]:
@@ -74,7 +76,7 @@ class OrthogonalityRegulariser:
         Iterations per call; the vectors persist between calls.
     """
 
-    def __init__(self, model: torch.nn.Module, groups: Iterable[str] = ("neck", "head"), form: str = "srip",
+    def __init__(self, model: torch.nn.Module, groups: Iterable[str] = ORTHO_GROUPS, form: str = "srip",
                  coefficient: float = 1e-4, power_iterations: int = 2, seed: int = 0):
         if form not in FORMS:
             raise ValueError(f"orthogonality form {form!r}: expected one of {FORMS}")

@@ -88,6 +88,34 @@ def match_counts(boxes: np.ndarray, classes: np.ndarray, gt_boxes: np.ndarray, g
     return matches
 
 
+def count_pseudo_boxes(split: PseudoLabelSplit, gt_classes: np.ndarray | None = None,
+                       gt_boxes: np.ndarray | None = None) -> dict[str, float]:
+    """One image's pseudo-box counts, to be summed over images (see :func:`pseudo_box_quality`).
+
+    ``pseudo_reliable`` / ``pseudo_uncertain`` count the boxes of each band; with the image's true
+    boxes (hidden labels: diagnostics only) ``true_boxes`` and the matches of each band
+    (``matched_reliable`` / ``matched_uncertain``, see :func:`match_counts`) are counted too.
+    """
+    counts = {"pseudo_reliable": float(split.num_reliable), "pseudo_uncertain": float(split.num_uncertain)}
+    if gt_classes is not None:
+        counts["true_boxes"] = float(len(gt_classes))
+        counts["matched_reliable"] = float(match_counts(split.reliable_boxes, split.reliable_classes, gt_boxes, gt_classes))
+        counts["matched_uncertain"] = float(match_counts(split.uncertain_boxes, split.uncertain_classes, gt_boxes, gt_classes))
+    return counts
+
+
+def pseudo_box_quality(sums: dict[str, float]) -> dict[str, float]:
+    """Precision and recall of each band from summed :func:`count_pseudo_boxes` (empty without true boxes)."""
+    if "true_boxes" not in sums:
+        return {}
+    out = {}
+    for band in ("reliable", "uncertain"):
+        pred, matched, true = sums.get(f"pseudo_{band}", 0.0), sums.get(f"matched_{band}", 0.0), sums["true_boxes"]
+        out[f"pseudo_{band}_precision"] = matched / pred if pred else 0.0
+        out[f"pseudo_{band}_recall"] = matched / true if true else 0.0
+    return out
+
+
 def pad_per_image(values: torch.Tensor, batch_idx: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Per-box values laid out ``(batch, max_boxes)`` exactly as ``v8DetectionLoss.preprocess`` lays out boxes."""
     if len(values) == 0:

@@ -18,7 +18,7 @@ import torch
 from detection.ema import EmaTeacher, resolve_ema_decay
 from detection.images import LetterboxCache, to_model_batch
 from detection.metrics import NmsConfig, postprocess
-from detection.pseudo_labels import PSEUDO_MODES, PseudoLabelLoss, match_counts, split_pseudo_labels
+from detection.pseudo_labels import PSEUDO_MODES, PseudoLabelLoss, count_pseudo_boxes, pseudo_box_quality, split_pseudo_labels
 from detection.records import ImageRecord
 from detection.seeds import derive_seed
 from detection.train import TrainConfig, TrainStats, augment_view, batches_per_epoch, labelled_views, run_steps
@@ -65,17 +65,6 @@ class SemiConfig:
     def __post_init__(self) -> None:
         if self.pseudo_mode not in PSEUDO_MODES:
             raise ValueError(f"pseudo-label mode {self.pseudo_mode!r}: expected one of {PSEUDO_MODES}")
-
-
-def _quality(counters: dict[str, float]) -> dict[str, float]:
-    """Precision/recall of each band from summed match counts."""
-    out = {}
-    for band in ("reliable", "uncertain"):
-        pred, tp, gt = counters.get(f"pseudo_{band}", 0.0), counters.get(f"_tp_{band}", 0.0), counters.get("_gt_boxes", 0.0)
-        if "_gt_boxes" in counters:
-            out[f"pseudo_{band}_precision"] = tp / pred if pred else 0.0
-            out[f"pseudo_{band}_recall"] = tp / gt if gt else 0.0
-    return out
 
 
 def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: SemiConfig, *,
@@ -148,17 +137,11 @@ def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: Se
         raw = teacher(to_model_batch(weak_images, device=tc.device)["img"])
         detections = postprocess(raw[0] if isinstance(raw, (tuple, list)) else raw, nms)
         counters = {"pseudo_reliable": 0.0, "pseudo_uncertain": 0.0, "pseudo_images": 0.0, "images_skipped": 0.0}
-        if hidden_records is not None:
-            counters.update({"_tp_reliable": 0.0, "_tp_uncertain": 0.0, "_gt_boxes": 0.0})
         images, classes, boxes, scores, uncertain = [], [], [], [], []
         for i, image, det, gt in zip(indices, weak_images, detections, gts):
             split = split_pseudo_labels(det, tc.imgsz, cfg.tau_low, cfg.tau_high)
-            counters["pseudo_reliable"] += split.num_reliable
-            counters["pseudo_uncertain"] += split.num_uncertain
-            if gt is not None:
-                counters["_gt_boxes"] += len(gt[0])
-                counters["_tp_reliable"] += match_counts(split.reliable_boxes, split.reliable_classes, gt[1], gt[0])
-                counters["_tp_uncertain"] += match_counts(split.uncertain_boxes, split.uncertain_classes, gt[1], gt[0])
+            for key, value in count_pseudo_boxes(split, *(gt or (None, None))).items():
+                counters[key] = counters.get(key, 0.0) + value
             if split.num_reliable < cfg.min_reliable_boxes:
                 counters["images_skipped"] += 1
                 continue
@@ -194,8 +177,8 @@ def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: Se
 
     stats, _ = run_steps(model, len(image_paths), tc, make_batch, loss_fn, regulariser, None, seed_parts,
                          on_step_end=lambda: teacher.update(model))
-    stats.extra.update(_quality(stats.extra))
-    stats.extra = {k: v for k, v in stats.extra.items() if not k.startswith("_")}
+    stats.extra.update(pseudo_box_quality(stats.extra))
+    stats.extra = {k: v for k, v in stats.extra.items() if k not in ("true_boxes", "matched_reliable", "matched_uncertain")}
     stats.extra["ema_decay"] = decay
     stats.num_examples = len(image_paths)
     return stats

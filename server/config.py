@@ -17,10 +17,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from detection.ema import parse_ema_decay
 from detection.orthogonality import FORMS as ORTHO_FORMS
 from detection.pseudo_labels import PSEUDO_MODES
 from detection.train import AUGMENTS
 from detection.ultralytics_env import fedsto_home
+from strategies.protocol import ClientKnobs
 
 METHODS = ("partial", "full", "ssfl", "fedsto-st", "fedsto")
 
@@ -33,9 +35,13 @@ def _key(name: str) -> str:
     return name.replace("_", "-")
 
 
-@dataclass(frozen=True)
-class RunConfig:
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(ClientKnobs):
     """Every knob of a federated run (keys in ``pyproject.toml`` are the field names in kebab-case).
+
+    The knobs that travel to clients (model, training, pseudo-label and regulariser settings,
+    ``strategy``, ``seed``, ``client_threads``) are inherited from
+    :class:`strategies.protocol.ClientKnobs` and documented there; the rest are the server's.
 
     Parameters
     ----------
@@ -43,8 +49,6 @@ class RunConfig:
         ``partial`` (server labels only, compute-matched), ``full`` (all labels: upper bound),
         ``ssfl`` (all parameters every round, local EMA pseudo labels, no regulariser),
         ``fedsto-st`` (warm-up + phase 1), ``fedsto`` (warm-up + phase 1 + phase 2).
-    strategy : str
-        Aggregation strategy: ``fedavg`` or a dotted ``package.module:Class``.
     federation : str
         Federation manifest (``federation.json`` or its folder). Relative paths are relative to
         ``$FEDSTO_HOME`` (default ``~/.cache/fedsto``): the ServerApp's working directory is
@@ -60,12 +64,8 @@ class RunConfig:
         Server and test shares of the synthetic federation.
     synthetic_imgsz : int
         Side of the synthetic scenes in pixels.
-    model : str
-        Ultralytics detection yaml (``yolo11n.yaml``, ``yolov5nu.yaml``, ...).
     weights : str
         Optional ``.pt`` to start from ("" = from scratch).
-    imgsz, batch_size, lr, momentum, weight_decay
-        Training settings shared by server and clients (paper: SGD, constant lr 0.01).
     server_augment : str
         Augmentation of the server's supervised epochs: ``strong`` (flip, scale jitter, colour
         jitter, blur, grey, cutout: the student's view), ``standard`` (flip + Ultralytics' HSV
@@ -80,24 +80,10 @@ class RunConfig:
         Rounds of selective backbone training and of full-parameter training with the
         orthogonality regulariser (paper: 100 and 150). ``ssfl``, ``partial`` and ``full`` run
         ``phase1_rounds + phase2_rounds`` rounds; ``fedsto-st`` runs ``phase1_rounds``.
-    local_epochs : int
-        Client epochs per round (paper: 1).
     server_epochs : int
         Supervised server epochs per round (paper: 1).
-    ema_decay : str
-        Local EMA teacher decay: a number (paper: 0.999) or ``auto`` (from the local step count).
-    tau_low, tau_high : float
-        Pseudo-label score thresholds (paper: 0.1, 0.6).
-    nms_conf, nms_iou : float
-        Teacher NMS settings (paper: 0.1, 0.65).
-    pseudo_mode : str
-        Uncertain boxes: ``soft`` targets, ``ignore`` in the class loss, or ``drop``.
-    min_reliable_boxes : int
-        Images with fewer reliable pseudo boxes are skipped (and counted).
     ortho_lambda : float
         Orthogonality coefficient in phase 2 (the paper gives none).
-    ortho_form : str
-        ``srip`` (smaller Gram) or ``symmetric`` (the paper's literal form).
     fraction_train : float
         Fraction of clients sampled per round (by partition id, seeded).
     min_reply_fraction : float
@@ -119,8 +105,6 @@ class RunConfig:
     weak_teacher_precision : float
         Warn loudly when fewer than this fraction of a client's reliable pseudo boxes match a true
         box (measured with the hidden labels, which only diagnostics may read).
-    seed : int
-        Fixes model init, sampling, shuffles and augmentations.
     output_dir : str
         Run directory. Relative paths go under ``$FEDSTO_HOME/runs``; "" = ``<method>-<date>-<time>``.
     resume : str
@@ -129,8 +113,8 @@ class RunConfig:
         Regular checkpoints kept (the best one is kept in addition).
     device : str
         ``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:1``...
-    server_threads, client_threads : int
-        Torch CPU threads (0 = all cores on the server, the Ray actor's CPUs on clients).
+    server_threads : int
+        Torch CPU threads of the server (0 = all cores).
     tensorboard, mlflow : bool
         Also log to TensorBoard / MLflow when the package is installed (skipped quietly if not).
     progress : bool
@@ -138,7 +122,6 @@ class RunConfig:
     """
 
     method: str = "fedsto"
-    strategy: str = "fedavg"
     federation: str = "federations/synthetic-weather"
     synthetic_images: int = 1600
     synthetic_weathers: str = "rainy,snowy,foggy"
@@ -146,29 +129,14 @@ class RunConfig:
     synthetic_server_fraction: float = 0.25
     synthetic_test_fraction: float = 0.15
     synthetic_imgsz: int = 160
-    model: str = "yolo11n.yaml"
     weights: str = ""
-    imgsz: int = 160
-    batch_size: int = 16
-    lr: float = 0.01
-    momentum: float = 0.937
-    weight_decay: float = 0.0005
     server_augment: str = "strong"
     warmup_epochs: int = 50
     warmup_lr_steps: int = 50
     phase1_rounds: int = 100
     phase2_rounds: int = 150
-    local_epochs: int = 1
     server_epochs: int = 1
-    ema_decay: str = "0.999"
-    tau_low: float = 0.1
-    tau_high: float = 0.6
-    nms_conf: float = 0.1
-    nms_iou: float = 0.65
-    pseudo_mode: str = "soft"
-    min_reliable_boxes: int = 0
     ortho_lambda: float = 0.0001
-    ortho_form: str = "srip"
     fraction_train: float = 1.0
     min_reply_fraction: float = 1.0
     round_timeout: float = 3600.0
@@ -178,13 +146,11 @@ class RunConfig:
     weak_teacher_map50: float = 0.25
     weak_teacher_density: float = 0.25
     weak_teacher_precision: float = 0.3
-    seed: int = 0
     output_dir: str = ""
     resume: str = ""
     keep_checkpoints: int = 2
     device: str = "auto"
     server_threads: int = 0
-    client_threads: int = 0
     tensorboard: bool = False
     mlflow: bool = False
     progress: bool = True
@@ -274,16 +240,10 @@ class RunConfig:
     @property
     def ema_decay_value(self) -> float | str:
         """``"auto"`` or the decay as a float in (0, 1)."""
-        text = str(self.ema_decay).strip().lower()
-        if text == "auto":
-            return "auto"
         try:
-            value = float(text)
-        except ValueError:
-            raise ConfigError(f"run-config ema-decay={self.ema_decay!r}: expected 'auto' or a number in (0, 1)") from None
-        if not 0.0 < value < 1.0:
-            raise ConfigError(f"run-config ema-decay={self.ema_decay!r}: expected 'auto' or a number in (0, 1)")
-        return value
+            return parse_ema_decay(self.ema_decay)
+        except ValueError as err:
+            raise ConfigError(f"run-config {err}") from None
 
     @property
     def weathers(self) -> list[str]:

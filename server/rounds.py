@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Message
 
-from client import protocol
+from strategies import protocol
 
 
 @dataclass
@@ -91,7 +91,7 @@ def reply_metrics(reply: Message) -> dict[str, float]:
 
 def reply_domain(reply: Message) -> str:
     info = reply.content.config_records.get(protocol.INFO)
-    return str(info["domain"]) if info is not None and "domain" in info else "?"
+    return str(info[protocol.DOMAIN]) if info is not None and protocol.DOMAIN in info else "?"
 
 
 def pseudo_summary(per_client: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

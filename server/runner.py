@@ -19,27 +19,22 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import random
 import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
-from client import protocol
-from client.protocol import RoundInstructions
 from detection.federation import Federation
 from detection.images import LetterboxCache
 from detection.metrics import evaluate_domains
 from detection.model import GROUPS, build_model, export_ultralytics, get_state, set_state
 from detection.orthogonality import OrthogonalityRegulariser
-from detection.train import TrainConfig, train_labelled
 from detection.seeds import derive_seed
+from detection.train import TrainConfig, train_labelled
 from server import rundir as rd
 from server.config import RunConfig
 from server.plan import Plan, Step, build_plan
@@ -47,7 +42,10 @@ from server.prepare import ensure_synthetic_federation
 from server.rounds import (classify_replies, mean_losses, personal_summary, pseudo_summary, reply_domain, reply_metrics,
                            required_replies)
 from server.sampling import Discovery, discover_partitions, sample_partitions
-from strategies import FederatedStrategy, get_strategy
+from server.state import ServerState, checkpoint_payload, restore_checkpoint
+from server.teacher_check import TeacherThresholds, summarise_teacher_check
+from strategies import FederatedStrategy, get_strategy, protocol
+from strategies.protocol import RoundInstructions
 
 log = logging.getLogger("fedsto.server")
 
@@ -57,31 +55,6 @@ SERVER_ORTHO_STREAM = 0x05E7
 
 class RunFailed(RuntimeError):
     """The run cannot go on (too few replies, no clients...). ``result.json`` says why."""
-
-
-@dataclass
-class ServerState:
-    """Everything a checkpoint restores besides the model."""
-
-    step: int = 0
-    optimizer_state: dict | None = None
-    best_map50: float = -1.0
-    best_step: int = 0
-    elapsed: float = 0.0
-    failures: int = 0
-    teacher_checked: bool = False
-    last_eval: dict | None = None
-    failures_by_step: dict = field(default_factory=dict)
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
 
 
 def round_metrics(results: dict, digits: int = 6) -> dict:
@@ -113,6 +86,7 @@ class FederatedRun:
         self.console = console or Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
         self.device = cfg.resolved_device()
         self.state = ServerState()
+        self.optimizer_state: dict | None = None
         self.discovery: Discovery | None = None
         self.run_dir: rd.RunDir | None = None
         self._log_file = None
@@ -158,11 +132,7 @@ class FederatedRun:
         torch.manual_seed(cfg.seed)  # model init is part of what the seed fixes
         self.model = build_model(cfg.model, len(names), names, weights=cfg.weights or None)
         if checkpoint is not None:
-            set_state(self.model, checkpoint["model_state"])
-            s = checkpoint["server"]
-            self.state = ServerState(**s)
-            self.state.optimizer_state = checkpoint["optimizer_state"]
-            _set_rng_state(checkpoint["rng"])
+            self.state, self.optimizer_state = restore_checkpoint(self.model, checkpoint)
             dropped = self.run_dir.truncate_metrics(self.state.step)
             self.say(f"resuming {self.run_dir.path} after step {self.state.step}/{len(self.plan.steps)} "
                      f"({checkpoint['label']}); {dropped} metrics row(s) of unfinished steps dropped")
@@ -264,14 +234,13 @@ class FederatedRun:
         for epoch in range(step.server_epochs):
             reg = None
             if step.orthogonality and cfg.ortho_lambda > 0:
-                reg = OrthogonalityRegulariser(self.model, groups=("neck", "head"), form=cfg.ortho_form,
-                                               coefficient=cfg.ortho_lambda,
+                reg = OrthogonalityRegulariser(self.model, form=cfg.ortho_form, coefficient=cfg.ortho_lambda,
                                                seed=derive_seed(cfg.seed, step.index, epoch, SERVER_ORTHO_STREAM))
             tc = self.train_config.replace(warmup_steps=cfg.warmup_lr_steps if (step.index == 1 and epoch == 0) else 0,
                                            description=f"{step.label}: server epoch")
-            stats, self.state.optimizer_state = train_labelled(self.model, self.labelled, tc,
-                                                               optimizer_state=self.state.optimizer_state, regulariser=reg,
-                                                               cache=self.train_cache, seed_parts=(step.index, epoch))
+            stats, self.optimizer_state = train_labelled(self.model, self.labelled, tc,
+                                                         optimizer_state=self.optimizer_state, regulariser=reg,
+                                                         cache=self.train_cache, seed_parts=(step.index, epoch))
             server.append(stats.as_metrics())
         if server:
             row["server"] = {k: float(np.mean([s.get(k, 0.0) for s in server])) for k in server[-1]}
@@ -312,27 +281,18 @@ class FederatedRun:
         return "; ".join(parts)
 
     def _checkpoint(self, step: Step, is_best: bool) -> None:
-        s = self.state
-        payload = {"model_state": get_state(self.model), "optimizer_state": s.optimizer_state, "step": step.index,
-                   "phase": step.phase_name, "round": step.round, "label": step.label, "rng": _rng_state(),
-                   "server": {"step": s.step, "best_map50": s.best_map50, "best_step": s.best_step, "elapsed": s.elapsed,
-                              "failures": s.failures, "teacher_checked": s.teacher_checked, "last_eval": s.last_eval,
-                              "failures_by_step": s.failures_by_step},
-                   "config": self.cfg.to_run_config()}
+        payload = checkpoint_payload(self.model, self.state, self.optimizer_state, step.index, step.phase_name, step.round,
+                                     step.label, self.cfg.to_run_config())
         self.run_dir.save_checkpoint(payload, step.index, is_best)
 
     # -- client rounds ---------------------------------------------------------------------------
 
     def instructions(self, step: Step, evaluate_personal: bool) -> RoundInstructions:
-        cfg, phase = self.cfg, step.phase
-        return RoundInstructions(
-            server_round=step.round, phase=step.phase_name, trainable=phase.client_groups, upload=phase.upload_groups,
-            ortho_lambda=cfg.ortho_lambda if phase.orthogonality else 0.0, ortho_form=cfg.ortho_form,
-            evaluate_personal=evaluate_personal, federation=str(self.manifest), model=cfg.model, seed=cfg.seed,
-            local_epochs=cfg.local_epochs, imgsz=cfg.imgsz, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay, ema_decay=str(cfg.ema_decay), tau_low=cfg.tau_low, tau_high=cfg.tau_high,
-            nms_conf=cfg.nms_conf, nms_iou=cfg.nms_iou, pseudo_mode=cfg.pseudo_mode,
-            min_reliable_boxes=cfg.min_reliable_boxes, strategy=cfg.strategy, threads=cfg.client_threads)
+        phase = step.phase
+        return RoundInstructions.for_round(
+            self.cfg, server_round=step.round, phase=step.phase_name, trainable=phase.client_groups,
+            upload=phase.upload_groups, ortho_lambda=self.cfg.ortho_lambda if phase.orthogonality else 0.0,
+            evaluate_personal=evaluate_personal, federation=str(self.manifest))
 
     def _messages(self, partitions: list[int], arrays: ArrayRecord, ins: RoundInstructions, message_type: str) -> tuple[list[Message], dict[int, int]]:
         config = ConfigRecord(ins.to_config())
@@ -400,37 +360,12 @@ class FederatedRun:
         for r in replies.ok:
             m = reply_metrics(r)
             clients[str(int(m[protocol.PARTITION_ID]))] = {"domain": reply_domain(r), **m}
-        table = Table(title=f"warm-up quality check ({self.fed.server_domain} mAP50 {server_map50:.3f}; "
-                            f"server labels {server_density:.2f} boxes/image)")
-        for col in ("client", "domain", "reliable/img", "uncertain/img", "true/img (hidden)", "reliable precision"):
-            table.add_column(col, justify="right")
-        weak = []
-        for pid, m in sorted(clients.items(), key=lambda kv: int(kv[0])):
-            table.add_row(pid, m["domain"], f"{m['reliable_per_image']:.2f}", f"{m['uncertain_per_image']:.2f}",
-                          f"{m['true_per_image']:.2f}", f"{m['reliable_precision']:.2f}")
-            if m["reliable_per_image"] < cfg.weak_teacher_density * server_density:
-                weak.append(pid)
+        thresholds = TeacherThresholds(cfg.weak_teacher_map50, cfg.weak_teacher_density, cfg.weak_teacher_precision)
+        summary, table, warnings = summarise_teacher_check(clients, self.fed.server_domain, server_map50, server_density,
+                                                           thresholds, replies.failures)
         self.console.print(table)
-        noisy = [pid for pid, m in clients.items()
-                 if m["reliable_per_image"] > 0 and m["reliable_precision"] < cfg.weak_teacher_precision]
-        summary = {"server_domain_map50": server_map50, "server_boxes_per_image": server_density, "clients": clients,
-                   "failures": replies.failures, "low_density_clients": weak, "noisy_clients": sorted(noisy, key=int),
-                   "weak_teacher": bool(server_map50 < cfg.weak_teacher_map50 or weak or noisy)}
-        if server_map50 < cfg.weak_teacher_map50:
-            self.warn(f"WEAK TEACHER: warm-up {self.fed.server_domain} mAP50 {server_map50:.3f} < {cfg.weak_teacher_map50}; "
-                      "pseudo labels will be poor and can make clients worse (lengthen the warm-up)")
-        for pid in weak:
-            m = clients[pid]
-            self.warn(f"WEAK TEACHER on client {pid} ({m['domain']}): {m['reliable_per_image']:.2f} reliable pseudo boxes "
-                      f"per image vs {server_density:.2f} labelled boxes per server image; unlabelled images will "
-                      "act mostly as background")
-        for pid in summary["noisy_clients"]:
-            m = clients[pid]
-            self.warn(f"NOISY TEACHER on client {pid} ({m['domain']}): only {m['reliable_precision']:.0%} of its "
-                      f"{m['reliable_per_image']:.2f} reliable pseudo boxes per image match a true box (hidden "
-                      "labels, diagnostics only); consider a longer warm-up or a higher tau-high")
-        for f in replies.failures:
-            self.warn(f"teacher check: {f}")
+        for warning in warnings:
+            self.warn(warning)
         self.run_dir.write_json(rd.TEACHER_CHECK, {"summary": summary})
         return summary
 

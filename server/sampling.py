@@ -17,10 +17,10 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from detection.seeds import derive_seed
+from strategies import protocol
 
 log = logging.getLogger("fedsto.server")
 
-QUERY_PARTITION = "query.partition"
 # A fixed tag separates the sampling stream from the training streams derived from the same seed.
 SAMPLING_STREAM = 0x5A3D
 
@@ -74,9 +74,9 @@ class Discovery:
 
 def read_partition_reply(reply: Message) -> dict:
     """The ``info`` ConfigRecord of a partition-query reply as a plain dict."""
-    record = reply.content.config_records.get("info")
+    record = reply.content.config_records.get(protocol.INFO)
     if record is None:
-        raise KeyError(f"partition reply from node {reply.metadata.src_node_id} has no 'info' record")
+        raise KeyError(f"partition reply from node {reply.metadata.src_node_id} has no '{protocol.INFO}' record")
     return dict(record)
 
 
@@ -109,8 +109,8 @@ def discover_partitions(grid, expected: int, timeout: float, config: Mapping | N
     found = Discovery()
     if len(node_ids) < expected:
         found.failures.append(f"only {len(node_ids)} of {expected} clients connected within {timeout:.0f}s")
-    messages = [Message(RecordDict({"config": ConfigRecord(dict(config or {}))}), dst_node_id=nid,
-                        message_type=QUERY_PARTITION) for nid in sorted(node_ids)]
+    messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord(dict(config or {}))}), dst_node_id=nid,
+                        message_type=protocol.QUERY_PARTITION) for nid in sorted(node_ids)]
     replies = list(grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())))
     answered = set()
     for reply in replies:
@@ -120,7 +120,7 @@ def discover_partitions(grid, expected: int, timeout: float, config: Mapping | N
             found.failures.append(f"node {nid}: partition query failed: {reply.error.reason}")
             continue
         info = read_partition_reply(reply)
-        pid = int(info["partition-id"])
+        pid = int(info[protocol.PARTITION_ID])
         if not 0 <= pid < expected:
             found.failures.append(f"node {nid}: partition id {pid} outside 0..{expected - 1} of the manifest")
         elif pid in found.nodes:

@@ -28,14 +28,13 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
 from detection.model import get_state, select_keys, set_state
+from strategies import protocol
 
 # Key of the ArrayRecord in ``context.state`` holding a client's local tensors.
 LOCAL_STATE_KEY = "strategy.local-arrays"
-# Metric every train reply carries so replies can be ordered independently of arrival time.
-PARTITION_KEY = "partition-id"
 
 
-def sort_replies_by_partition(replies: Iterable[Message], key: str = PARTITION_KEY) -> list[Message]:
+def sort_replies_by_partition(replies: Iterable[Message], key: str = protocol.PARTITION_ID) -> list[Message]:
     """Replies ordered by the partition id in their (single) MetricRecord.
 
     Floating-point sums depend on the order of the terms; Flower returns replies in arrival order,
@@ -50,7 +49,7 @@ def sort_replies_by_partition(replies: Iterable[Message], key: str = PARTITION_K
     return sorted(replies, key=pid)
 
 
-def aggregation_view(reply: Message, weight_key: str = "num-examples") -> Message:
+def aggregation_view(reply: Message, weight_key: str = protocol.NUM_EXAMPLES) -> Message:
     """The reply reduced to what aggregation needs: its ArrayRecord and a MetricRecord of the weight.
 
     Flower's strategies require every reply's MetricRecord to have identical keys; diagnostics
@@ -63,8 +62,8 @@ def aggregation_view(reply: Message, weight_key: str = "num-examples") -> Messag
     metrics = next(iter(content.metric_records.values()), None)
     if metrics is None or weight_key not in metrics:
         raise KeyError(f"reply from node {reply.metadata.src_node_id} has no '{weight_key}' metric")
-    slim = RecordDict({array_key: arrays, "metrics": MetricRecord({weight_key: metrics[weight_key],
-                                                                  PARTITION_KEY: metrics.get(PARTITION_KEY, -1)})})
+    slim = RecordDict({array_key: arrays, protocol.METRICS: MetricRecord({weight_key: metrics[weight_key],
+                                                                           protocol.PARTITION_ID: metrics.get(protocol.PARTITION_ID, -1)})})
     return Message(content=slim, metadata=copy.copy(reply.metadata))
 
 
@@ -102,7 +101,7 @@ class FederatedStrategy:
 
     name = "base"
 
-    def __init__(self, flower_strategy: Strategy, weight_key: str = "num-examples") -> None:
+    def __init__(self, flower_strategy: Strategy, weight_key: str = protocol.NUM_EXAMPLES) -> None:
         self.flower = flower_strategy
         self.weight_key = weight_key
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
+from strategies import protocol
 from strategies.base import FederatedStrategy
 
 
@@ -21,7 +22,7 @@ class FedAvgStrategy(FederatedStrategy):
 
     name = "fedavg"
 
-    def __init__(self, weighted_by_key: str = "num-examples") -> None:
+    def __init__(self, weighted_by_key: str = protocol.NUM_EXAMPLES) -> None:
         # Sampling and waiting for nodes are done by the ServerApp (by partition id), so FedAvg's
         # own sampling settings are irrelevant here; min_* = 0 keeps it from ever waiting.
         super().__init__(FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=0,

@@ -15,12 +15,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 import client.app
-from client.protocol import RoundInstructions
 from detection.model import get_state, select_keys
 from server.config import RunConfig
 from server.inprocess import InProcessGrid
 from server.rundir import RunDir
 from server.runner import FederatedRun, RunFailed
+from strategies.protocol import RoundInstructions
 
 from helpers import without_timings
 

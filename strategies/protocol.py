@@ -1,0 +1,146 @@
+"""The contract between ServerApp and ClientApp: message types, record keys, round instructions.
+
+Both halves import this module (``server`` to build messages, ``client`` to read them); neither
+imports the other. Everything a client needs for a round is in :class:`RoundInstructions` (sent
+as the message's ``config`` ConfigRecord), so a client holds no copy of the server's run config
+and stays stateless between rounds.
+
+:class:`ClientKnobs` is the one table of run-config knobs that travel to clients. The server's
+``RunConfig`` extends it (so each knob has one name, type, default and doc) and
+:meth:`RoundInstructions.for_round` copies it whole. Adding a client knob is one field here, with
+its line in the ``Parameters`` block (and its default in ``pyproject.toml``, which flwr requires
+and ``tests/test_server_config.py`` checks against this table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+# Message types (Flower routes "<category>.<action>" to the handler registered for it).
+TRAIN = "train"
+QUERY_PARTITION = "query.partition"
+EVALUATE_TEACHER = "evaluate.teacher"
+
+# Record keys inside a message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+INFO = "info"
+
+# Metric and info keys every reply carries.
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+DOMAIN = "domain"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientKnobs:
+    """Run-config knobs that travel to every client, every round (kebab-case in the run config).
+
+    Parameters
+    ----------
+    strategy : str
+        Aggregation strategy: ``fedavg`` or a dotted ``package.module:Class`` (its client half
+        decides what stays local).
+    model : str
+        Ultralytics detection yaml (``yolo11n.yaml``, ``yolov5nu.yaml``, ...): the architecture
+        the broadcast arrays belong to.
+    seed : int
+        Fixes model init, sampling, shuffles and augmentations; with the round and the partition
+        id it seeds each client's RNG.
+    imgsz, batch_size, lr, momentum, weight_decay
+        Training settings shared by server and clients (paper: SGD, constant lr 0.01).
+    local_epochs : int
+        Client epochs per round (paper: 1).
+    ema_decay : str
+        Local EMA teacher decay: a number (paper: 0.999) or ``auto`` (from the local step count).
+    tau_low, tau_high : float
+        Pseudo-label score thresholds (paper: 0.1, 0.6).
+    nms_conf, nms_iou : float
+        Teacher NMS settings (paper: 0.1, 0.65).
+    pseudo_mode : str
+        Uncertain boxes: ``soft`` targets, ``ignore`` in the class loss, or ``drop``.
+    min_reliable_boxes : int
+        Images with fewer reliable pseudo boxes are skipped (and counted).
+    ortho_form : str
+        ``srip`` (smaller Gram) or ``symmetric`` (the paper's literal form).
+    client_threads : int
+        Torch CPU threads on clients (0 = the CPUs Ray gives the actor).
+    """
+
+    strategy: str = "fedavg"
+    model: str = "yolo11n.yaml"
+    seed: int = 0
+    imgsz: int = 160
+    batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.937
+    weight_decay: float = 0.0005
+    local_epochs: int = 1
+    ema_decay: str = "0.999"
+    tau_low: float = 0.1
+    tau_high: float = 0.6
+    nms_conf: float = 0.1
+    nms_iou: float = 0.65
+    pseudo_mode: str = "soft"
+    min_reliable_boxes: int = 0
+    ortho_form: str = "srip"
+    client_threads: int = 0
+
+
+CLIENT_KNOBS = tuple(f.name for f in fields(ClientKnobs))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundInstructions(ClientKnobs):
+    """A client's instructions for one round: the :class:`ClientKnobs` plus what the round decides.
+
+    Parameters
+    ----------
+    server_round : int
+        Global round number; with ``seed`` and the partition id it seeds the client's RNG.
+    phase : str
+        ``phase1``, ``phase2`` or ``ssfl`` (logged; behaviour follows the fields below).
+    trainable : tuple of str
+        Parameter groups the client trains (the others frozen, their BatchNorm in eval mode).
+    upload : tuple of str
+        Groups whose tensors the client uploads.
+    ortho_lambda : float
+        Orthogonality coefficient on neck and head this round (0: off, e.g. in phase 1).
+    evaluate_personal : bool
+        Evaluate the locally trained model on the client's own domain after training.
+    federation : str
+        The manifest the server uses; a node's ``--node-config federation=...`` overrides it.
+    """
+
+    server_round: int
+    phase: str
+    trainable: tuple[str, ...]
+    upload: tuple[str, ...]
+    ortho_lambda: float
+    evaluate_personal: bool
+    federation: str
+
+    @classmethod
+    def for_round(cls, knobs: ClientKnobs, **round_fields) -> "RoundInstructions":
+        """Instructions from the run's client knobs (every one of them) and this round's fields."""
+        return cls(**{name: getattr(knobs, name) for name in CLIENT_KNOBS}, **round_fields)
+
+    def to_config(self) -> dict:
+        """Plain values for a ``ConfigRecord`` (tuples become lists of str)."""
+        out = asdict(self)
+        out["trainable"] = list(self.trainable)
+        out["upload"] = list(self.upload)
+        return out
+
+    @classmethod
+    def from_config(cls, config) -> "RoundInstructions":
+        """Read a ``ConfigRecord`` (or dict); missing keys are an error naming them."""
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in config]
+        if missing:
+            raise KeyError(f"round instructions lack {missing} (server and client run different fedsto versions?)")
+        values = {n: config[n] for n in names}
+        values["trainable"] = tuple(values["trainable"])
+        values["upload"] = tuple(values["upload"])
+        return cls(**values)
