@@ -20,6 +20,8 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import IterableSimpleNamespace
 from ultralytics.nn.modules.head import Detect
 
+from detection.atomic import atomic_write
+
 GROUPS = ("backbone", "neck", "head")
 
 # Ultralytics' default loss gains (ultralytics/cfg/default.yaml); v8DetectionLoss reads them from model.args.
@@ -210,7 +212,4 @@ def export_ultralytics(model: DetectionModel, path: str | Path, metadata: Mappin
         "epoch": -1,
         "fedsto": {k: v for k, v in (metadata or {}).items() if isinstance(v, (str, int, float, bool))},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(ckpt, tmp))

@@ -10,6 +10,7 @@ them and ``tests/test_server_config.py`` checks both agree.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -22,9 +23,12 @@ from detection.orthogonality import FORMS as ORTHO_FORMS
 from detection.pseudo_labels import PSEUDO_MODES
 from detection.train import AUGMENTS
 from detection.ultralytics_env import fedsto_home
+from strategies import StrategyError, strategy_class
 from strategies.protocol import ClientKnobs
 
 METHODS = ("partial", "full", "ssfl", "fedsto-st", "fedsto")
+# Knobs with a fixed set of values, and where each set is defined.
+CHOICES = {"method": METHODS, "server_augment": AUGMENTS, "pseudo_mode": PSEUDO_MODES, "ortho_form": ORTHO_FORMS}
 
 
 class ConfigError(ValueError):
@@ -199,41 +203,47 @@ class RunConfig(ClientKnobs):
         def fail(name: str, expected: str) -> None:
             raise ConfigError(f"run-config {_key(name)}={getattr(self, name)!r}: expected {expected}")
 
-        if self.method not in METHODS:
-            fail("method", f"one of {', '.join(METHODS)}")
-        if self.server_augment not in AUGMENTS:
-            fail("server_augment", f"one of {', '.join(AUGMENTS)}")
-        if self.pseudo_mode not in PSEUDO_MODES:
-            fail("pseudo_mode", f"one of {', '.join(PSEUDO_MODES)}")
-        if self.ortho_form not in ORTHO_FORMS:
-            fail("ortho_form", f"one of {', '.join(ORTHO_FORMS)}")
+        for f in fields(self):
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                fail(f.name, "a finite number")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                fail(name, f"one of {', '.join(choices)}")
         for name in ("warmup_epochs", "warmup_lr_steps", "phase1_rounds", "phase2_rounds", "min_reliable_boxes",
-                     "synthetic_images", "server_threads", "client_threads"):
+                     "synthetic_images", "server_threads", "client_threads", "server_epochs", "seed"):
             if getattr(self, name) < 0:
                 fail(name, "an integer >= 0")
         for name in ("imgsz", "batch_size", "local_epochs", "eval_every", "keep_checkpoints", "synthetic_clients",
                      "synthetic_imgsz"):
             if getattr(self, name) < 1:
                 fail(name, "an integer >= 1")
-        if self.server_epochs < 0:
-            fail("server_epochs", "an integer >= 0")
         if self.imgsz % 32:
             fail("imgsz", "a multiple of 32 (the detector's largest stride)")
         for name in ("fraction_train", "min_reply_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 fail(name, "a number in (0, 1]")
+        for name in ("synthetic_server_fraction", "synthetic_test_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                fail(name, "a number in (0, 1)")
         if not 0.0 <= self.tau_low <= self.tau_high <= 1.0:
             fail("tau_high", f"tau_low <= tau_high in [0, 1] (tau_low={self.tau_low})")
-        for name in ("nms_conf", "nms_iou"):
+        for name in ("nms_conf", "nms_iou", "momentum", "weak_teacher_map50", "weak_teacher_density",
+                     "weak_teacher_precision"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(name, "a number in [0, 1]")
-        if self.ortho_lambda < 0:
-            fail("ortho_lambda", "a number >= 0")
-        if self.lr <= 0:
-            fail("lr", "a number > 0")
+        for name in ("ortho_lambda", "weight_decay"):
+            if getattr(self, name) < 0:
+                fail(name, "a number >= 0")
+        for name in ("lr", "round_timeout", "discovery_timeout"):
+            if getattr(self, name) <= 0:
+                fail(name, "a number > 0")
         self.ema_decay_value  # raises on a bad value
-        if not [w for w in self.weathers if w]:
+        if not self.weathers:
             fail("synthetic_weathers", "a comma-separated list of weathers")
+        try:
+            strategy_class(self.strategy)
+        except StrategyError as err:
+            raise ConfigError(f"run-config strategy={self.strategy!r}: {err}") from None
 
     # -- derived values ----------------------------------------------------------------------------
 

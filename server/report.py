@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from detection.atomic import atomic_write_text
 from detection.tables import domain_markdown, domain_table
 from server import rundir as rd
 
@@ -247,7 +248,7 @@ def write_run_report(path: str | Path) -> Path:
     run = load_run(path)
     plot_run(run, run.path / "plots")
     out = run.path / "results.md"
-    rd.atomic_write_text(out, run_markdown(run))
+    atomic_write_text(out, run_markdown(run))
     return out
 
 
@@ -262,7 +263,7 @@ def write_comparison(paths: Sequence[str | Path], out_dir: str | Path | None = N
         plot_comparison(runs, out_dir / "comparison_map50.png")
         text += "\n![Total mAP50 per step](comparison_map50.png)\n"
         written = out_dir / "results.md"
-        rd.atomic_write_text(written, text)
+        atomic_write_text(written, text)
     return text, runs, written
 
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from detection.atomic import atomic_write, atomic_write_text
+
 CONFIG = "config.json"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
@@ -52,12 +54,6 @@ class RunDirError(RuntimeError):
 def holds_run(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a run directory (its ``config.json`` is written first, when the run starts)."""
     return (Path(path) / CONFIG).exists()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -183,14 +179,9 @@ class RunDir:
         """Write ``checkpoints/step-NNNNNN.pt`` atomically, copy it to ``best.pt`` if best, keep the last K."""
         folder = self.path / CHECKPOINTS
         folder.mkdir(exist_ok=True)
-        path = folder / f"step-{step:06d}.pt"
-        tmp = folder / f".{path.name}.tmp"
-        torch.save(dict(payload), tmp)
-        os.replace(tmp, path)
+        path = atomic_write(folder / f"step-{step:06d}.pt", lambda tmp: torch.save(dict(payload), tmp))
         if is_best:
-            best_tmp = folder / f".{BEST}.tmp"
-            shutil.copyfile(path, best_tmp)
-            os.replace(best_tmp, folder / BEST)
+            atomic_write(folder / BEST, lambda tmp: shutil.copyfile(path, tmp))
         for old in self.checkpoint_paths()[:-self.keep]:
             old.unlink(missing_ok=True)
         return path

@@ -25,7 +25,7 @@ def _import(spec: str):
     module_name, sep, attr = spec.partition(":")
     if not sep:
         module_name, _, attr = spec.rpartition(".")
-    if not module_name or not attr:
+    if not all(part.isidentifier() for part in (*module_name.split("."), attr)):
         raise StrategyError(f"strategy {spec!r}: expected a built-in name ({', '.join(BUILTIN)}) or 'package.module:Class'")
     try:
         module = importlib.import_module(module_name)
@@ -37,25 +37,18 @@ def _import(spec: str):
         raise StrategyError(f"strategy {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
 
 
-def get_strategy(name: str, **options) -> FederatedStrategy:
-    """A strategy instance by built-in name or dotted path.
+def strategy_class(name: str) -> type[FederatedStrategy]:
+    """The :class:`FederatedStrategy` subclass a name stands for (imported, not instantiated).
 
     Parameters
     ----------
     name : str
-        ``fedavg`` or ``package.module:Class`` / ``package.module.Class`` (a
-        :class:`FederatedStrategy` subclass).
-    **options
-        Keyword arguments for the class.
-
-    Returns
-    -------
-    FederatedStrategy
+        ``fedavg`` or ``package.module:Class`` / ``package.module.Class``.
 
     Raises
     ------
     StrategyError
-        If the name is unknown, cannot be imported or is not a FederatedStrategy.
+        If the name is unknown, cannot be imported or is not a FederatedStrategy subclass.
     """
     spec = BUILTIN.get(str(name).lower(), str(name))
     if spec == name and "." not in spec and ":" not in spec:
@@ -63,7 +56,24 @@ def get_strategy(name: str, **options) -> FederatedStrategy:
     cls = _import(spec)
     if not (isinstance(cls, type) and issubclass(cls, FederatedStrategy)):
         raise StrategyError(f"strategy {name!r} resolves to {cls!r}, which is not a strategies.base.FederatedStrategy subclass")
-    return cls(**options)
+    return cls
 
 
-__all__ = ["BUILTIN", "FederatedStrategy", "StrategyError", "get_strategy", "merge_states", "sort_replies_by_partition"]
+def get_strategy(name: str, **options) -> FederatedStrategy:
+    """A strategy instance by built-in name or dotted path (see :func:`strategy_class`).
+
+    Parameters
+    ----------
+    name : str
+        ``fedavg`` or ``package.module:Class`` / ``package.module.Class``.
+    **options
+        Keyword arguments for the class.
+
+    Returns
+    -------
+    FederatedStrategy
+    """
+    return strategy_class(name)(**options)
+
+
+__all__ = ["BUILTIN", "FederatedStrategy", "StrategyError", "get_strategy", "strategy_class", "merge_states", "sort_replies_by_partition"]

@@ -26,9 +26,11 @@ import pytest
 import torch
 
 from server.config import METHODS
-from server.launch import LocalSuperLink, descendants, flwr_status, process_stat, submit, write_run_config
+from server.flwr_cli import flwr_status, submit
 from server.plan import build_plan
+from server.presets import write_run_config
 from server.rundir import RunDir, holds_run
+from server.superlink import LocalSuperLink, descendants, process_stat
 
 from helpers import without_timings
 

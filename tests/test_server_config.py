@@ -63,3 +63,52 @@ def test_round_trip_and_paths(tmp_path, monkeypatch):
     absolute = RunConfig.from_run_config({"federation": "/data/f.json", "output-dir": "/out/r", "resume": "/out/old"})
     assert absolute.federation_path() == Path("/data/f.json")
     assert absolute.run_dir() == Path("/out/old")  # resume wins: the run continues in its own folder
+
+
+def changed_value(cfg: RunConfig, name: str):
+    """A valid value of knob ``name`` other than ``cfg``'s, found by type (no per-knob table to keep up)."""
+    from dataclasses import fields
+
+    from server.config import CHOICES
+
+    kind = {f.name: f.type for f in fields(RunConfig)}[name]
+    current = getattr(cfg, name)
+    candidates = {"int": lambda: [current + 32], "float": lambda: [current / 2], "bool": lambda: [not current],
+                  "str": lambda: [*CHOICES.get(name, ()), "auto", "strategies.fedavg:FedAvgStrategy", current + "-x"]}[kind]()
+    for value in candidates:
+        if value != current:
+            try:
+                cfg.replace(**{name: value})
+                return value
+            except ConfigError:
+                pass
+    raise AssertionError(f"no other valid value found for {name}")
+
+
+def test_every_client_knob_reaches_the_round_instructions_and_back():
+    """Adding a client knob is one field of ClientKnobs: it must travel without any other edit."""
+    from flwr.app import ConfigRecord
+
+    from server.plan import build_plan
+    from server.runner import FederatedRun
+    from strategies.protocol import CLIENT_KNOBS, RoundInstructions
+
+    cfg = RunConfig()
+    cfg = cfg.replace(**{name: changed_value(cfg, name) for name in CLIENT_KNOBS})
+    assert all(getattr(cfg, name) != getattr(RunConfig(), name) for name in CLIENT_KNOBS)
+    run = FederatedRun(grid=None, cfg=cfg)
+    run.manifest = "/data/federation.json"
+    step = next(s for s in build_plan("fedsto", 1, 1, 1).steps if s.phase_name == "phase2")
+    sent = run.instructions(step, evaluate_personal=True)
+    received = RoundInstructions.from_config(ConfigRecord(sent.to_config()))
+    assert received == sent
+    assert {name: getattr(received, name) for name in CLIENT_KNOBS} == {name: getattr(cfg, name) for name in CLIENT_KNOBS}
+    assert (received.server_round, received.phase, received.upload, received.ortho_lambda) == (
+        2, "phase2", ("backbone", "neck", "head"), cfg.ortho_lambda)
+
+
+def test_client_knobs_are_run_config_keys_with_pyproject_defaults():
+    from strategies.protocol import CLIENT_KNOBS
+
+    keys = pyproject_config()
+    assert all(name.replace("_", "-") in keys for name in CLIENT_KNOBS)

@@ -12,18 +12,33 @@ import time
 import pytest
 from flwr.common.config import parse_config_args
 
-from server.launch import (LaunchError, LocalSuperLink, check_keys, find_superlink_pid, merged_config, parse_methods,
-                           parse_overrides, project_root, run_verdict, runtime_install_disabled, write_run_config)
+from server.config import ConfigError
+from server.flwr_cli import LaunchError, run_verdict
+from server.launch import project_root
+from server.presets import check_keys, merged_config, parse_methods, parse_overrides, write_run_config
 from server.rundir import RunDir
+from server.superlink import LocalSuperLink, find_superlink_pid, runtime_install_disabled
 
 
 def test_methods_and_overrides():
     assert parse_methods(None, "demo", {"method": "fedsto"}) == ["partial", "fedsto"]
     assert parse_methods(None, "smoke", {"method": "ssfl"}) == ["ssfl"]
     assert parse_methods(["partial,fedsto", "full", "partial"], "demo", {}) == ["partial", "fedsto", "full"]
-    with pytest.raises(LaunchError, match="fedprox"):
+    with pytest.raises(ConfigError, match="fedprox"):
         parse_methods(["fedprox"], "demo", {})
     assert parse_overrides(["--", "seed=3", "ortho-form='symmetric'", "lr=0.02"]) == {"seed": 3, "ortho-form": "symmetric", "lr": 0.02}
+
+
+def test_string_knobs_take_bare_values_and_other_knobs_say_how_to_quote():
+    assert parse_overrides(["federation=/data/fed-bdd/federation.json", "ema-decay=0.99", "weights=", "model=\"a b.yaml\""]) == {
+        "federation": "/data/fed-bdd/federation.json", "ema-decay": "0.99", "weights": "", "model": "a b.yaml"}
+    assert parse_overrides(["output-dir=my runs"]) == {"output-dir": "my runs"}  # the shell already split the words
+    with pytest.raises(ConfigError, match=r"run-config seed='abc': not a TOML int .*quoted"):
+        parse_overrides(["seed=abc"])
+    with pytest.raises(ConfigError, match="unknown run-config key 'no-such-knob'"):
+        parse_overrides(["no-such-knob=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["seed"])
 
 
 def test_merge_order_and_client_count(tmp_path):
@@ -41,7 +56,7 @@ def test_run_config_toml_reads_back_through_flower(tmp_path):
     path = write_run_config(tmp_path / "x.toml", values, "test")
     assert parse_config_args([str(path)]) == values  # exactly what `flwr run --run-config x.toml` will see
     check_keys(values, project_root())
-    with pytest.raises(LaunchError, match="no-such-knob"):
+    with pytest.raises(ConfigError, match="no-such-knob"):
         check_keys({"no-such-knob": 1}, project_root())
 
 
@@ -131,3 +146,28 @@ def test_refuses_an_output_folder_that_already_holds_a_run_before_starting_anyth
     captured = capsys.readouterr()
     assert "already holds a run" in captured.out + captured.err and "--resume" in captured.out + captured.err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fedsto"]
+
+
+def run_refused(argv, capsys, monkeypatch) -> str:
+    """``fedsto run`` with ``argv``: it must exit 2 with one line, before any SuperLink starts."""
+    from server.cli import main as fedsto_main
+
+    monkeypatch.setattr(LocalSuperLink, "start", lambda self: pytest.fail("a SuperLink was started"))
+    assert fedsto_main(["run", *argv]) == 2
+    captured = capsys.readouterr()
+    text = (captured.out + captured.err).strip()
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    return text
+
+
+def test_the_readme_own_data_example_reads_its_bare_path(tmp_path, capsys, monkeypatch):
+    manifest = tmp_path / "fed-bdd" / "federation.json"
+    text = run_refused(["--preset", "demo", "--method", "partial,fedsto", "--out", str(tmp_path / "out"), "--",
+                        f"federation={manifest}", "synthetic-images=0", "imgsz=320", "warmup-epochs=30",
+                        "phase1-rounds=20", "phase2-rounds=30"], capsys, monkeypatch)
+    assert str(manifest) in text  # the path arrived as a string: the run only lacks the manifest
+
+
+def test_an_unknown_strategy_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch):
+    text = run_refused(["--preset", "smoke", "--out", str(tmp_path / "out"), "--", "strategy=fedprox"], capsys, monkeypatch)
+    assert "strategy='fedprox'" in text and "unknown strategy" in text
