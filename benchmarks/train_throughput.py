@@ -27,10 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 import detection  # noqa: F401  (offline Ultralytics settings)
-from detection.datasets import read_yolo_dataset
 from detection.model import build_model
 from detection.synthetic import write_synthetic_dataset
 from detection.train import TrainConfig, train_labelled
+from detection.yolo import read_yolo_dataset
 from ultralytics.utils.loss import v8DetectionLoss
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detection.federation import Federation
 from detection.images import LetterboxCache
+from detection.manifest_reader import Federation
 from detection.metrics import NmsConfig, evaluate_records, predict_records
 from detection.model import build_model
 from detection.orthogonality import OrthogonalityRegulariser

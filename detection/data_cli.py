@@ -3,7 +3,7 @@
 The project's ``fedsto`` entry point calls :func:`add_data_commands` on its top-level
 subparsers; ``python -m detection.data_cli synth OUT`` runs the same commands standalone.
 Every command returns an exit code; bad input (:class:`~detection.datasets.DatasetError`,
-:class:`~detection.federation.FederationError`, a missing file) prints one red line and
+:class:`~detection.manifest.FederationError`, a missing file) prints one red line and
 returns 2, never a traceback.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from detection.datasets import DatasetError
-from detection.federation import SPLITS, FederationError
+from detection.manifest import SPLITS, FederationError
 from detection.records import ImageRecord
 
 EXIT_BAD_INPUT = 2
@@ -101,7 +101,7 @@ def read_source(
     bdd_images : str, optional
         BDD100K image folder.
     classes : sequence of str, optional
-        BDD100K class list (mapped with :func:`detection.datasets.category_map_for`).
+        BDD100K class list (mapped with :func:`detection.bdd100k.category_map_for`).
     strict : bool, optional
         Reader's ``strict``; ``None`` keeps the reader's default.
 
@@ -109,7 +109,9 @@ def read_source(
     -------
     (records, class_names, report)
     """
-    from detection.datasets import bdd_layout, detect_format, read_bdd100k, read_yolo_dataset
+    from detection.bdd100k import bdd_layout, read_bdd100k
+    from detection.datasets import detect_format
+    from detection.yolo import read_yolo_dataset
 
     fmt = fmt or detect_format(source)
     strictness = {} if strict is None else {"strict": strict}
@@ -152,7 +154,7 @@ def cmd_federate(args: argparse.Namespace) -> int:
         progress=True,
         report=report,
     )
-    from detection.federation import Federation
+    from detection.manifest_reader import Federation
 
     federation = Federation.load(path)
     console.print(f"wrote {path}: {_one_line_summary(federation)}")
@@ -260,7 +262,8 @@ def montage_records(federation, per_domain: int) -> dict[str, list[ImageRecord]]
 @reports_bad_input
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show who holds what in a federation (or a dataset), optionally write a montage PNG."""
-    from detection.federation import MANIFEST_NAME, Federation
+    from detection.manifest import MANIFEST_NAME
+    from detection.manifest_reader import Federation
 
     target = Path(args.target)
     console = _console()

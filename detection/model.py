@@ -123,11 +123,6 @@ def select_keys(model: DetectionModel, groups: Iterable[str], keys: Iterable[str
     return [k for k in keys if group_of_key(k, by_layer) in wanted]
 
 
-def select_backbone_keys(model: DetectionModel) -> list[str]:
-    """Names of the backbone tensors (BatchNorm buffers included)."""
-    return select_keys(model, ["backbone"])
-
-
 def modules_of_group(model: DetectionModel, group: str) -> list[torch.nn.Module]:
     """Top-level layers of one group."""
     return [m for m, g in zip(model.model, layer_groups(model)) if g == group]

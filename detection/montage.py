@@ -78,11 +78,6 @@ def _label_cell(domain: str, count: int, tile: int) -> np.ndarray:
     return cell
 
 
-def montage_size(num_domains: int, per_domain: int = 4, tile: int = 192) -> tuple[int, int]:
-    """``(height, width)`` in pixels of a montage: a label cell plus ``per_domain`` tiles per row."""
-    return num_domains * tile, (per_domain + 1) * tile
-
-
 def write_montage(
     records_by_domain: dict[str, list[ImageRecord]],
     class_names: list[str],
@@ -108,7 +103,7 @@ def write_montage(
     Returns
     -------
     Path
-        ``out_png``. The image is ``montage_size(len(records_by_domain), per_domain, tile)`` big.
+        ``out_png``: one row of ``tile`` pixels per domain, a label cell and ``per_domain`` tiles wide.
 
     Raises
     ------

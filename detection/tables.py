@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 
@@ -25,6 +27,19 @@ def domain_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]], title: s
     for name, per_domain in rows.items():
         table.add_row(name, *[_cell(per_domain.get(c)) for c in cols])
     return table
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print ``table`` whole: at its natural width when the output is not a terminal.
+
+    A console writing to a file or pipe (a CI log, ``| tee``) is 80 columns wide, and rich would
+    wrap every cell of a wider table onto two lines; a log has no width to respect.
+    """
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update(width=10_000, max_width=10_000), table).maximum
+    Console(file=console.file, width=max(natural, console.width), highlight=False, color_system=None).print(table)
 
 
 def domain_markdown(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:

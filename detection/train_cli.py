@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from detection.federation import Federation, FederationError
+from detection.atomic import atomic_write, atomic_write_text
+from detection.manifest import FederationError
+from detection.manifest_reader import Federation
 from detection.metrics import evaluate_domains
 from detection.model import ModelError, build_model, export_ultralytics, get_state, set_state
-from detection.tables import domain_table
+from detection.tables import domain_table, print_table
 from detection.train import TrainConfig, train_labelled
 
 console = Console()
@@ -106,9 +108,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             warmup_steps=args.warmup_steps if epoch == 0 else 0, description=f"epoch {epoch + 1}/{args.epochs}"),
             optimizer_state=opt_state, seed_parts=(epoch,))
         elapsed += time.perf_counter() - t0
-        torch.save({"model_state": get_state(model), "optimizer_state": opt_state, "epoch": epoch + 1,
-                    "config": config, "seconds": elapsed}, ckpt_path.with_suffix(".tmp"))
-        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+        checkpoint = {"model_state": get_state(model), "optimizer_state": opt_state, "epoch": epoch + 1,
+                      "config": config, "seconds": elapsed}
+        atomic_write(ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
         row = {"epoch": epoch + 1, "seconds": round(elapsed, 1), **{f"loss_{k}": v for k, v in stats.losses.items()}}
         last = epoch + 1 == args.epochs
         if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
@@ -121,8 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if results is None:
         results = evaluate_domains(model, tests, args.imgsz, device=args.device)
     final = export_ultralytics(model, out / "model.pt", {"imgsz": args.imgsz, "labels": args.labels})
-    (out / "results.json").write_text(json.dumps({"train_seconds": elapsed, "results": results}, indent=2))
-    console.print(domain_table({f"{args.labels} labels": results}))
+    atomic_write_text(out / "results.json", json.dumps({"train_seconds": elapsed, "results": results}, indent=2))
+    print_table(console, domain_table({f"{args.labels} labels": results}))
     console.print(f"training time {elapsed:.0f}s; model {final}")
     return 0
 
@@ -136,5 +138,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     imgsz = args.imgsz or int(meta.get("imgsz", 640))
     results = evaluate_domains(model, fed.test_records(), imgsz, device=args.device)
-    console.print(domain_table({Path(args.model).name: results}))
+    print_table(console, domain_table({Path(args.model).name: results}))
     return 0

@@ -225,9 +225,9 @@ class RunConfig(ClientKnobs):
         for name in ("synthetic_server_fraction", "synthetic_test_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 fail(name, "a number in (0, 1)")
-        if not 0.0 <= self.tau_low <= self.tau_high <= 1.0:
-            fail("tau_high", f"tau_low <= tau_high in [0, 1] (tau_low={self.tau_low})")
-        for name in ("nms_conf", "nms_iou", "momentum", "weak_teacher_map50", "weak_teacher_density",
+        if self.tau_low > self.tau_high:
+            raise ConfigError(f"run-config tau-low={self.tau_low!r} > tau-high={self.tau_high!r}: expected tau-low <= tau-high")
+        for name in ("tau_low", "tau_high", "nms_conf", "nms_iou", "momentum", "weak_teacher_map50", "weak_teacher_density",
                      "weak_teacher_precision"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(name, "a number in [0, 1]")
@@ -308,7 +308,3 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"run-config {key}={value!r}: expected a string")
     return value
 
-
-def default_run_config() -> dict[str, Any]:
-    """The defaults as Flower's flat kebab-case dict (what pyproject's section should hold)."""
-    return RunConfig().to_run_config()

@@ -46,7 +46,6 @@ class InProcessGrid:
             self.contexts[nid] = Context(run_id=1, node_id=nid, node_config={"partition-id": pid, "num-partitions": num_nodes},
                                          state=RecordDict(), run_config=dict(run_config or {}))
         self.sent: list[Message] = []
-        self._counter = 0
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -57,7 +56,6 @@ class InProcessGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
-            self._counter += 1
             self.sent.append(msg)
             context = self.contexts[msg.metadata.dst_node_id]
             # A ClientApp sets its process's thread count (client-threads); here that process is the

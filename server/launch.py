@@ -30,7 +30,7 @@ from server.presets import (check_keys, merged_config, parse_methods, parse_over
                             write_run_config)
 from server.superlink import DEFAULT_PORTS, LocalSuperLink
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # long paths and errors stay on one line
 
 
 def project_root() -> Path:

@@ -134,23 +134,8 @@ class Plan:
     steps: tuple[Step, ...]
 
     @property
-    def num_rounds(self) -> int:
-        return sum(1 for s in self.steps if s.kind == "round")
-
-    @property
     def warmup_epochs(self) -> int:
         return sum(1 for s in self.steps if s.kind == "warmup")
-
-    @property
-    def uses_clients(self) -> bool:
-        return any(s.clients for s in self.steps)
-
-    @property
-    def first_client_step(self) -> Step | None:
-        return next((s for s in self.steps if s.clients), None)
-
-    def server_epochs(self) -> int:
-        return sum(s.server_epochs for s in self.steps)
 
     def remaining(self, done: int) -> tuple[Step, ...]:
         """Steps after the last completed one (``done`` = its index; 0 = none done)."""

@@ -62,9 +62,9 @@ def ensure_synthetic_federation(manifest: Path, *, num_images: int, imgsz: int, 
         if manifest.exists():
             check_synthetic_federation(manifest, wanted)
             return manifest, False
-        from detection.datasets import read_yolo_dataset
         from detection.federation import build_federation
         from detection.synthetic import SYNTHETIC_CLASSES, write_synthetic_dataset
+        from detection.yolo import read_yolo_dataset
 
         log.info("building synthetic weather federation at %s (%d scenes, %d px, %d clients, %s)", folder, num_images,
                  imgsz, num_clients, ",".join(weathers))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from detection.atomic import atomic_write_text
-from detection.tables import domain_markdown, domain_table
+from detection.tables import domain_markdown, domain_table, print_table
 from server import rundir as rd
 
 
@@ -269,7 +269,7 @@ def write_comparison(paths: Sequence[str | Path], out_dir: str | Path | None = N
 
 def print_comparison(runs: Sequence[RunSummary], console) -> None:
     """The per-domain table (rich) and the shifted-domain line."""
-    console.print(domain_table(comparison_rows(runs, personal=True), title="mAP50 / mAP50-95 per domain (server model)"))
+    print_table(console, domain_table(comparison_rows(runs, personal=True), title="mAP50 / mAP50-95 per domain (server model)"))
     line = shifted_line(runs)
     if line:
         console.print(line)

@@ -28,12 +28,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from detection.federation import Federation
 from detection.images import LetterboxCache
+from detection.manifest_reader import Federation
 from detection.metrics import evaluate_domains
 from detection.model import GROUPS, build_model, export_ultralytics, get_state, set_state
 from detection.orthogonality import OrthogonalityRegulariser
 from detection.seeds import derive_seed
+from detection.tables import print_table
 from detection.train import TrainConfig, train_labelled
 from server import rundir as rd
 from server.config import RunConfig
@@ -82,8 +83,7 @@ class FederatedRun:
         self.grid = grid
         self.cfg = cfg
         self.strategy = strategy or get_strategy(cfg.strategy)
-        # Not a terminal (Flower's log stream): a fixed width so tables are not squeezed to 80 columns.
-        self.console = console or Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self.device = cfg.resolved_device()
         self.state = ServerState()
         self.optimizer_state: dict | None = None
@@ -363,7 +363,7 @@ class FederatedRun:
         thresholds = TeacherThresholds(cfg.weak_teacher_map50, cfg.weak_teacher_density, cfg.weak_teacher_precision)
         summary, table, warnings = summarise_teacher_check(clients, self.fed.server_domain, server_map50, server_density,
                                                            thresholds, replies.failures)
-        self.console.print(table)
+        print_table(self.console, table)
         for warning in warnings:
             self.warn(warning)
         self.run_dir.write_json(rd.TEACHER_CHECK, {"summary": summary})

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from detection.semi import SemiConfig
+from detection.train import TrainConfig
+
 # Message types (Flower routes "<category>.<action>" to the handler registered for it).
 TRAIN = "train"
 QUERY_PARTITION = "query.partition"
@@ -70,20 +73,21 @@ class ClientKnobs:
 
     strategy: str = "fedavg"
     model: str = "yolo11n.yaml"
-    seed: int = 0
-    imgsz: int = 160
-    batch_size: int = 16
-    lr: float = 0.01
-    momentum: float = 0.937
-    weight_decay: float = 0.0005
-    local_epochs: int = 1
-    ema_decay: str = "0.999"
-    tau_low: float = 0.1
-    tau_high: float = 0.6
-    nms_conf: float = 0.1
-    nms_iou: float = 0.65
-    pseudo_mode: str = "soft"
-    min_reliable_boxes: int = 0
+    # The engine's defaults are the paper's (DESIGN.md, "FedSTO details"): one source for them.
+    seed: int = TrainConfig.seed
+    imgsz: int = TrainConfig.imgsz
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    momentum: float = TrainConfig.momentum
+    weight_decay: float = TrainConfig.weight_decay
+    local_epochs: int = TrainConfig.epochs
+    ema_decay: str = "0.999"  # the paper's; the engine's default is "auto" (right for short centralised runs)
+    tau_low: float = SemiConfig.tau_low
+    tau_high: float = SemiConfig.tau_high
+    nms_conf: float = SemiConfig.nms_conf
+    nms_iou: float = SemiConfig.nms_iou
+    pseudo_mode: str = SemiConfig.pseudo_mode
+    min_reliable_boxes: int = SemiConfig.min_reliable_boxes
     ortho_form: str = "srip"
     client_threads: int = 0
 

@@ -113,7 +113,7 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_records(synthetic_dataset):
     """``(records, class_names)`` of :func:`synthetic_dataset`, in file order."""
-    from detection.datasets import read_yolo_dataset
+    from detection.yolo import read_yolo_dataset
 
     records, class_names, _ = read_yolo_dataset(synthetic_dataset)
     assert len(records) == SYNTHETIC_IMAGES

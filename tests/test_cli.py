@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from detection.datasets import read_yolo_dataset
-from detection.federation import Federation
+from detection.manifest_reader import Federation
 from detection.metrics import evaluate_domains
 from detection.model import export_ultralytics
 from detection.synthetic import SYNTHETIC_CLASSES
+from detection.yolo import read_yolo_dataset
 from server.cli import main as fedsto_main
 
 HIGHWAY_SUBSET = 60

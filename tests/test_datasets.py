@@ -9,18 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from detection.datasets import (
-    FEDSTO_CATEGORY_MAP,
-    DatasetError,
-    bdd_layout,
-    category_map_for,
-    clip_or_reject_box,
-    detect_format,
-    label_path_for,
-    probe_image,
-    read_bdd100k,
-    read_yolo_dataset,
-)
+from detection.bdd100k import FEDSTO_CATEGORY_MAP, bdd_layout, category_map_for, read_bdd100k
+from detection.datasets import DatasetError, clip_or_reject_box, detect_format
+from detection.probe import probe_image
+from detection.yolo import label_path_for, read_yolo_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HIGHWAY = SHARED_DATA / "highway"

@@ -121,7 +121,7 @@ def test_smoke_preset_all_methods(smoke_runs, tmp_path):
         text = (run.path / "results.md").read_text()
         assert f"| {method} |" in text and "| clear | rainy | night | Total |" in text
         assert (run.path / "plots" / "map_per_domain.png").exists()
-        if plan.uses_clients:
+        if any(s.clients for s in plan.steps):
             assert json.loads((run.path / "teacher_check.json").read_text())["summary"]["clients"]
     fedsto = RunDir(out / "fedsto").read_metrics()
     p1, p2 = [r for r in fedsto if r["kind"] == "round"]
@@ -212,3 +212,58 @@ def test_same_seed_same_result_and_resume_after_sigkill(smoke_runs, home):
     sa, sk = final_state(reference), final_state(killed)
     assert all(torch.equal(sa[k], sk[k]) for k in sa)
     assert "resuming" in (killed / "server.log").read_text()
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Live processes whose environment holds ``key=value`` (a run's SuperLink, SuperExec, simulation, Ray)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        info = process_stat(int(entry.name))
+        if f"{key}={value}".encode() in environ and info is not None and info[0] not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_stops_the_run_and_resume_finishes_it(smoke_runs, home):
+    """SIGINT mid-round: the Flower run and every process it started stop; --resume completes it."""
+    proc, out, _ = smoke_runs
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    path, port = home
+    flwr_home = str(path / "flwr")
+    interrupted = path / "runs" / "interrupted"
+    run = subprocess.Popen([sys.executable, "-m", "server.cli", "run", "--preset", "smoke", "--method", "fedsto",
+                            "--out", str(interrupted), "--port", str(port), "--quiet"], cwd=ROOT, env=dict(os.environ),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = interrupted / "fedsto"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline and run.poll() is None:
+        progress = RunDir(run_dir).read_json("progress.json") if holds_run(run_dir) else None
+        if progress and progress["done"] >= 1:  # the warm-up is done: round 1 (teacher check, clients) runs now
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the run never reached round 1: {run.communicate()[0][-3000:]}")
+    started = processes_with_env("FLWR_HOME", flwr_home)
+    assert len(started) >= 3, started  # SuperLink, SuperExec, flwr-simulation (and Ray)
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 130, output[-3000:]
+    assert f"resume with: fedsto run --resume {run_dir}" in output
+    deadline = time.monotonic() + 15
+    while processes_with_env("FLWR_HOME", flwr_home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_with_env("FLWR_HOME", flwr_home) == []
+    assert RunDir(run_dir).read_json("result.json") is None or RunDir(run_dir).read_json("result.json")["status"] != "completed"
+
+    resumed = subprocess.run([sys.executable, "-m", "server.cli", "run", "--resume", str(run_dir), "--port", str(port),
+                              "--quiet"], cwd=ROOT, env=dict(os.environ), capture_output=True, text=True,
+                             timeout=RUN_TIMEOUT)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert RunDir(run_dir).read_json("result.json")["status"] == "completed"
+    assert without_timings(RunDir(run_dir).read_metrics()) == without_timings(RunDir(out / "fedsto").read_metrics())

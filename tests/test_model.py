@@ -19,7 +19,6 @@ from detection.model import (
     export_ultralytics,
     get_state,
     layer_groups,
-    select_backbone_keys,
     select_keys,
     set_state,
     set_trainable_groups,
@@ -99,9 +98,9 @@ def _parameterless(model) -> set[int]:
     return {i for i, layer in enumerate(model.model) if not layer.state_dict()}
 
 
-def test_select_backbone_keys_includes_batchnorm_buffers():
+def test_backbone_keys_include_batchnorm_buffers():
     model = build_model("yolo11n.yaml", NC, NAMES)
-    keys = select_backbone_keys(model)
+    keys = select_keys(model, ["backbone"])
     n_backbone = len(model.yaml["backbone"])
     assert keys == [k for k in model.state_dict() if layer_index(k) < n_backbone]
     assert any(k.endswith("running_mean") for k in keys) and any(k.endswith("num_batches_tracked") for k in keys)
@@ -231,7 +230,7 @@ def test_set_state_refuses_missing_unknown_and_misshaped_tensors():
 def test_backbone_only_update_touches_the_backbone_only():
     model, other = seeded_model(0), seeded_model(1)
     before = get_state(model)
-    backbone = select_backbone_keys(model)
+    backbone = select_keys(model, ["backbone"])
     set_state(model, get_state(other, backbone), strict=False)
     after = model.state_dict()
     for key, value in before.items():
@@ -268,7 +267,7 @@ def test_frozen_groups_do_not_change_while_training():
     after = get_state(model)
     frozen = select_keys(model, ["neck", "head"])
     assert all(torch.equal(before[k], after[k]) for k in frozen)  # parameters and BatchNorm buffers
-    assert any(not torch.equal(before[k], after[k]) for k in select_backbone_keys(model))
+    assert any(not torch.equal(before[k], after[k]) for k in select_keys(model, ["backbone"]))
 
 
 # ------------------------------------------------------------------------------------------

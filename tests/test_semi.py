@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from detection.ema import EmaTeacher
-from detection.federation import Federation
+from detection.manifest_reader import Federation
 from detection.model import build_model, get_state, select_keys
 from detection.semi import SemiConfig, train_unlabelled
 from detection.train import TrainConfig

@@ -30,13 +30,14 @@ import numpy as np
 import pytest
 import torch
 
-from detection.datasets import read_yolo_dataset
-from detection.federation import Federation, build_federation
+from detection.federation import build_federation
+from detection.manifest_reader import Federation
 from detection.metrics import evaluate_records
 from detection.model import build_model, get_state, set_state
 from detection.semi import SemiConfig, train_unlabelled
 from detection.synthetic import write_synthetic_dataset
 from detection.train import TrainConfig, train_labelled
+from detection.yolo import read_yolo_dataset
 
 IMGSZ = 128
 WARMUP_EPOCHS = 10

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, RunConfig, default_run_config
+from server.config import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def pyproject_config() -> dict:
 
 
 def test_pyproject_holds_exactly_the_defaults():
-    assert pyproject_config() == default_run_config()
+    assert pyproject_config() == RunConfig().to_run_config()
 
 
 def test_paper_defaults():

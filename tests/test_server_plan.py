@@ -32,9 +32,9 @@ def test_baselines_are_compute_matched_server_epochs():
     for method, labels in (("partial", "server"), ("full", "all")):
         plan = build_plan(method, 10, 4, 6)
         assert plan.labels == labels
-        assert not plan.uses_clients
+        assert not any(s.clients for s in plan.steps)
         # warm-up + one server epoch per FedSTO round, exactly as many as FedSTO's server epochs
-        assert plan.server_epochs() == fedsto.server_epochs() == 10 + 10
+        assert sum(s.server_epochs for s in plan.steps) == sum(s.server_epochs for s in fedsto.steps) == 10 + 10
         assert len(plan.steps) == len(fedsto.steps)
 
 
@@ -54,7 +54,7 @@ def test_evaluation_schedule_and_resume_position():
     assert evaluated == ["warm-up epoch 2", "round 2 (phase1 2)", "round 4 (phase2 1)", "round 5 (phase2 2)"]
     assert [s.index for s in plan.remaining(4)] == [5, 6, 7]
     assert plan.remaining(len(plan.steps)) == ()
-    assert plan.first_client_step.index == 3
+    assert next(s for s in plan.steps if s.clients).index == 3
 
 
 def test_zero_length_stages_and_bad_input():

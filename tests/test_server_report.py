@@ -61,3 +61,20 @@ def test_report_command_compares_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "partial" in printed and "fedsto" in printed
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_tables_keep_their_natural_width_when_stdout_is_not_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from detection.tables import domain_table, print_table
+
+    cell = {"map50": 0.828, "map50_95": 0.557}
+    rows = {"fedsto (personalised)": {d: cell for d in ("clear", "rainy", "snowy", "foggy", "night", "Total")}}
+    out = io.StringIO()
+    console = Console(file=out, highlight=False)  # a pipe: 80 columns
+    assert not console.is_terminal and console.width == 80
+    print_table(console, domain_table(rows))
+    body = [line for line in out.getvalue().splitlines() if "fedsto" in line]
+    assert len(body) == 1 and body[0].count("0.828 / 0.557") == 6 and "(personalised)" in body[0]
