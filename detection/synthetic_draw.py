@@ -9,6 +9,7 @@ consumes random numbers (from the generator it is given), so a scene stays a pur
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -196,12 +197,18 @@ def _draw_wheel(p: Painter, cx: float, cy: float, r: float) -> None:
         p.circle(cx, cy, r * 0.45, (150, 150, 155))
 
 
+def _vehicle_frame(o: Placed) -> tuple[Callable[[float], float], Callable[[float], float]]:
+    """Box-relative coordinates: ``X(u)``, ``Y(v)`` for u, v in [0, 1], u measured from the vehicle's tail."""
+    if o.facing_right:
+        return (lambda u: o.x0 + u * o.w), (lambda v: o.y0 + v * o.h)
+    return (lambda u: o.x0 + (1 - u) * o.w), (lambda v: o.y0 + v * o.h)
+
+
 def draw_car(p: Painter, o: Placed) -> None:
-    x0, y0, w, h, c = o.x0, o.y0, o.w, o.h, o.colour
-    X = (lambda u: x0 + u * w) if o.facing_right else (lambda u: x0 + (1 - u) * w)
-    Y = lambda v: y0 + v * h  # noqa: E731
+    X, Y = _vehicle_frame(o)
+    c = o.colour
     glass = (60, 80, 100) if o.style % 2 else (140, 175, 200)
-    r = 0.19 * h
+    r = 0.19 * o.h
     # Cabin (roof) then lower body; the body's bottom edge stays above the wheel bottoms.
     p.poly(np.array([[X(0.20), Y(0.48)], [X(0.32), Y(0.02)], [X(0.68), Y(0.02)], [X(0.84), Y(0.48)]]), c)
     p.poly(np.array([[X(0.0), Y(0.50)], [X(0.06), Y(0.42)], [X(0.96), Y(0.42)], [X(1.0), Y(0.55)], [X(1.0), Y(0.82)], [X(0.0), Y(0.82)]]), c)
@@ -214,10 +221,9 @@ def draw_car(p: Painter, o: Placed) -> None:
 
 
 def draw_bus(p: Painter, o: Placed) -> None:
-    x0, y0, w, h, c = o.x0, o.y0, o.w, o.h, o.colour
-    X = (lambda u: x0 + u * w) if o.facing_right else (lambda u: x0 + (1 - u) * w)
-    Y = lambda v: y0 + v * h  # noqa: E731
-    r = 0.12 * h
+    X, Y = _vehicle_frame(o)
+    c = o.colour
+    r = 0.12 * o.h
     p.poly(np.array([[X(0.0), Y(0.03)], [X(0.02), Y(0.0)], [X(0.97), Y(0.0)], [X(1.0), Y(0.06)], [X(1.0), Y(0.88)], [X(0.0), Y(0.88)]]), c)
     p.rect(X(0.0), Y(0.62), X(1.0), Y(0.70), shade(c, 0.6))  # side stripe
     glass = (50, 65, 85)
@@ -233,10 +239,9 @@ def draw_bus(p: Painter, o: Placed) -> None:
 
 
 def draw_truck(p: Painter, o: Placed) -> None:
-    x0, y0, w, h, c = o.x0, o.y0, o.w, o.h, o.colour
-    X = (lambda u: x0 + u * w) if o.facing_right else (lambda u: x0 + (1 - u) * w)
-    Y = lambda v: y0 + v * h  # noqa: E731
-    r = 0.12 * h
+    X, Y = _vehicle_frame(o)
+    c = o.colour
+    r = 0.12 * o.h
     cab_colour = VEHICLE_COLOURS[o.style % len(VEHICLE_COLOURS)]
     p.rect(X(0.0), Y(0.0), X(0.68), Y(0.80), c)  # tall blank cargo box
     p.rect(X(0.02), Y(0.04), X(0.66), Y(0.10), shade(c, 0.8))  # roof rail
