@@ -9,8 +9,15 @@ asserted). Then, per seed, from the same warm-up:
 * **control**: ``train_labelled`` on the server's labels alone, for the same number of steps, the
   same labelled batch size and the same learning rate.
 
-Over two seeds the pseudo run must beat the control on the foggy test split by >= 0.02 mAP50 on
-average. Settings, and why (measured on this data, 2026-11-30):
+Over four seeds the pseudo run must beat the control on the foggy test split by >= 0.02 mAP50 on
+average. Why four: the figures are the same on every run of one machine, but a 90-step run turns
+the last-bit differences between different CPUs' kernels into different endpoints. With the same code, the warm-up scored clear/foggy
+0.563/0.190, 0.619/0.117 and 0.575/0.203 on three machines, and with two seeds the mean gain was
++0.064 on the first and +0.018 on the second (-0.034 and +0.070: one control run drew lucky).
+On the third, eight seeds gave +0.010 +0.093 +0.007 +0.077 +0.166 +0.057 +0.068 +0.068 (mean
++0.068, none negative; 2026-12-02): the pseudo arm is steady (0.23-0.30), the labelled-only
+control is what swings (0.10-0.24), so the mean of four is the smallest sample that does not
+hang on one control run. Settings, and why (measured on this data, 2026-11-30):
 
 * lr 0.002 for both arms (a fine-tuning rate; the warm-up uses 0.01): at 0.01 the endpoint of a
   90-step run swings so much that the control alone scored foggy 0.105 and 0.393 for two seeds,
@@ -44,6 +51,7 @@ WARMUP_EPOCHS = 10
 STEPS = 90
 LR = 0.002
 SHIFT = "foggy"
+SEEDS = (1, 2, 3, 4)
 
 
 @pytest.mark.slow
@@ -76,7 +84,7 @@ def test_pseudo_labels_beat_labelled_only_control_on_shifted_domain(tmp_path, re
     gains, lines = [], []
     semi = SemiConfig(train=TrainConfig(imgsz=IMGSZ, batch_size=16, max_steps=STEPS, lr=LR), ema_decay=0.999,
                       tau_high=0.4, pseudo_mode="ignore")
-    for seed in (1, 2):
+    for seed in SEEDS:
         set_state(model, warm)
         semi.train.seed = seed
         stats = train_unlabelled(model, unlabelled, semi, hidden_records=hidden, labelled=server, seed_parts=(seed,))
@@ -92,7 +100,7 @@ def test_pseudo_labels_beat_labelled_only_control_on_shifted_domain(tmp_path, re
                      f"recall {x['pseudo_reliable_recall']:.2f}, uncertain precision {x['pseudo_uncertain_precision']:.2f}, "
                      f"{x['images_skipped']:.0f} unlabelled images skipped")
         print(lines[-1])
-    summary = (f"centralised semi-supervised check: mean {SHIFT} mAP50 gain {np.mean(gains):+.3f} over 2 seeds "
+    summary = (f"centralised semi-supervised check: mean {SHIFT} mAP50 gain {np.mean(gains):+.3f} over {len(SEEDS)} seeds "
                f"(warm-up clear {warm_clear:.3f}, {SHIFT} {warm_shift:.3f}; {time.perf_counter() - start:.0f}s)")
     print(summary)
     for line in [summary, *lines]:
