@@ -10,14 +10,14 @@ asserted). Then, per seed, from the same warm-up:
   same labelled batch size and the same learning rate.
 
 Over four seeds the pseudo run must beat the control on the foggy test split by >= 0.02 mAP50 on
-average. Why four: the figures are the same on every run of one machine, but a 90-step run turns
-the last-bit differences between different CPUs' kernels into different endpoints. With the same code, the warm-up scored clear/foggy
-0.563/0.190, 0.619/0.117 and 0.575/0.203 on three machines, and with two seeds the mean gain was
-+0.064 on the first and +0.018 on the second (-0.034 and +0.070: one control run drew lucky).
-On the third, eight seeds gave +0.010 +0.093 +0.007 +0.077 +0.166 +0.057 +0.068 +0.068 (mean
-+0.068, none negative; 2026-12-02): the pseudo arm is steady (0.23-0.30), the labelled-only
-control is what swings (0.10-0.24), so the mean of four is the smallest sample that does not
-hang on one control run. Settings, and why (measured on this data, 2026-11-30):
+average. Why four: the figures repeat exactly on one machine, but a 90-step run turns the
+last-bit differences between CPUs' kernels into different endpoints. With the same code the
+warm-up scored clear/foggy 0.563/0.190, 0.619/0.117 and 0.575/0.203 on three machines, and two
+seeds gave a mean gain of +0.064 on the first and +0.018 on the second (-0.034 and +0.070: one
+control run drew lucky). On the third, eight seeds gave +0.010 +0.093 +0.007 +0.077 +0.166
++0.057 +0.068 +0.068 (mean +0.068, none negative; 2026-12-02): the pseudo arm is steady
+(0.23-0.30), the labelled-only control is what swings (0.10-0.24), so the test takes the mean
+of four rather than hang on one control run. Settings, and why (measured on this data, 2026-11-30):
 
 * lr 0.002 for both arms (a fine-tuning rate; the warm-up uses 0.01): at 0.01 the endpoint of a
   90-step run swings so much that the control alone scored foggy 0.105 and 0.393 for two seeds,
