@@ -199,9 +199,13 @@ def _draw_wheel(p: Painter, cx: float, cy: float, r: float) -> None:
 
 def _vehicle_frame(o: Placed) -> tuple[Callable[[float], float], Callable[[float], float]]:
     """Box-relative coordinates: ``X(u)``, ``Y(v)`` for u, v in [0, 1], u measured from the vehicle's tail."""
-    if o.facing_right:
-        return (lambda u: o.x0 + u * o.w), (lambda v: o.y0 + v * o.h)
-    return (lambda u: o.x0 + (1 - u) * o.w), (lambda v: o.y0 + v * o.h)
+    def X(u: float) -> float:
+        return o.x0 + (u if o.facing_right else 1 - u) * o.w
+
+    def Y(v: float) -> float:
+        return o.y0 + v * o.h
+
+    return X, Y
 
 
 def draw_car(p: Painter, o: Placed) -> None:

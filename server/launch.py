@@ -170,7 +170,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             for method, values in runs:
                 cfg = RunConfig.from_run_config(values)
                 run_dir = cfg.run_dir()
-                ok = _run_one(args, app, guard, method, values, prepared[cfg.federation_path()], out)
+                ok = _run_one(args, app, guard, method, values, run_dir, prepared[cfg.federation_path()], out)
                 ok_all &= ok
                 if rd.holds_run(run_dir):
                     run_dirs.append(run_dir)
@@ -190,11 +190,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if ok_all else 1
 
 
-def _run_one(args: argparse.Namespace, app: Path, guard: InterruptGuard, method: str, values: dict, clients: int,
-             out: Path) -> bool:
-    """Submit one method's run, follow it to its end and say how it went."""
+def _run_one(args: argparse.Namespace, app: Path, guard: InterruptGuard, method: str, values: dict, run_dir: Path,
+             clients: int, out: Path) -> bool:
+    """Submit one method's run (``values``, which writes to ``run_dir``), follow it to its end and say how it went."""
     env = guard.superlink.env
-    run_dir = RunConfig.from_run_config(values).run_dir()
     config_file = out / f"{method}.run-config.toml"
     write_run_config(config_file, values, f"fedsto run: merged run config of {method} (flwr run --run-config {config_file})")
     federation_config = (f"num-supernodes={clients} client-resources-num-cpus={args.cpus_per_client:g} "
