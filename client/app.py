@@ -6,9 +6,10 @@ Handlers (message type -> what the client does):
   samples by partition id, since Flower's node ids are random per run);
 * ``evaluate.teacher``: the warm-up quality check, pseudo boxes per image the broadcast model
   would produce on this client's images;
-* ``train``: one local round: load the broadcast (plus any local tensors the strategy keeps),
-  train the groups the instructions name on local-EMA-teacher pseudo labels, optionally evaluate
-  the personalised model on the own domain, reply with the upload keys only.
+* ``train``: one local round: load the broadcast (plus the local state the strategy keeps, saved
+  on the node's disk by ``client.node_state``), train the groups the instructions name on
+  local-EMA-teacher pseudo labels (plus the strategy's loss hook), save the local state,
+  optionally evaluate the personalised model on the own domain, reply with the upload keys only.
 
 The partition comes from ``context.node_config["partition-id"]`` (simulation sets it; a deployed
 SuperNode gets ``--node-config 'partition-id=N'``, optionally ``federation="/path"`` to read a
@@ -23,10 +24,12 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.node_state import NodeStateStore
 from client.task import (ClientData, build_client_model, evaluate_personal, finite_metrics, node_partition,
                          resolve_device, set_threads, teacher_check, train_round)
 from detection.model import get_state
-from strategies import get_strategy, protocol
+from strategies import FederatedStrategy, get_strategy, protocol
+from strategies.base import split_extra, with_extra
 from strategies.protocol import RoundInstructions
 
 log = logging.getLogger("fedsto.client")
@@ -44,6 +47,17 @@ def _client_data(msg: Message, context: Context) -> ClientData:
     if not manifest:
         raise ValueError("no federation manifest: the server sent none and the node config has no 'federation'")
     return ClientData.load(manifest, pid)
+
+
+def load_broadcast(msg: Message, context: Context, ins: RoundInstructions, data: ClientData
+                   ) -> tuple[FederatedStrategy, object, NodeStateStore]:
+    """The round's strategy and model: the broadcast with this node's saved local state on top."""
+    strategy = get_strategy(ins.strategy, ins.strategy_options)
+    model = build_client_model(ins, data)
+    broadcast, extra = split_extra(msg.content[protocol.ARRAYS].to_torch_state_dict())
+    store = NodeStateStore.for_node(context.node_config, ins.run_key, data.partition_id)
+    strategy.client_load(model, broadcast, extra, store.load(before_round=ins.server_round))
+    return strategy, model, store
 
 
 def examples_used(stats) -> int:
@@ -75,9 +89,7 @@ def evaluate_teacher(msg: Message, context: Context) -> Message:
     data = _client_data(msg, context)
     set_threads(ins.client_threads)
     device = resolve_device()
-    model = build_client_model(ins, data)
-    strategy = get_strategy(ins.strategy)
-    strategy.client_load(model, msg.content[protocol.ARRAYS].to_torch_state_dict(), context.state)
+    _, model, _ = load_broadcast(msg, context, ins, data)
     result = teacher_check(model, data, ins, device)
     result[protocol.PARTITION_ID] = float(data.partition_id)
     result[protocol.NUM_EXAMPLES] = float(len(data.images))
@@ -93,11 +105,9 @@ def train(msg: Message, context: Context) -> Message:
     data = _client_data(msg, context)
     threads = set_threads(ins.client_threads)
     device = resolve_device()
-    strategy = get_strategy(ins.strategy)
-    model = build_client_model(ins, data)
-    strategy.client_load(model, msg.content[protocol.ARRAYS].to_torch_state_dict(), context.state)
-    stats = train_round(model, data, ins, strategy.client_regulariser(model, context.state), device)
-    strategy.client_keep(model, context.state)
+    strategy, model, store = load_broadcast(msg, context, ins, data)
+    stats = train_round(model, data, ins, strategy.client_loss(model, ins), device)
+    store.save(ins.server_round, strategy.client_state(model))
     metrics = {k: 0.0 for k in DEFAULT_REPLY_METRICS}
     metrics.update(stats.as_metrics())
     if ins.evaluate_personal:
@@ -105,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update({protocol.NUM_EXAMPLES: float(examples_used(stats)), "local_images": float(len(data.images)),
                     protocol.PARTITION_ID: float(data.partition_id),
                     "threads": float(threads), "client_seconds": time.perf_counter() - start})
-    upload = ArrayRecord(get_state(model, strategy.upload_keys(model, ins.upload)))
+    upload = ArrayRecord(with_extra(get_state(model, strategy.upload_keys(model, ins.upload)), strategy.client_arrays()))
     info = ConfigRecord({protocol.DOMAIN: data.domain, "phase": ins.phase})
     log.info("partition %d round %d (%s): %d steps, %.1fs", data.partition_id, ins.server_round, ins.phase, stats.steps,
              metrics["client_seconds"])

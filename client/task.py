@@ -1,16 +1,17 @@
 """A client's work, without Flower: its data, one local round, the teacher check, personal evaluation.
 
 The ClientApp (``client.app``) only unpacks messages and calls these, so every piece here is
-testable in-process. Nothing about training survives between rounds: the model comes from the
-broadcast, the optimiser and the EMA teacher are made fresh inside :func:`train_round`, and the
-RNG comes from (seed, round, partition). What *is* cached per process is read-only: the parsed
+testable in-process. Nothing about training survives between rounds but what a strategy saves on
+the node's disk (``client.node_state``): the model comes from the broadcast, the optimiser and the
+EMA teacher are made fresh inside :func:`train_round`, and the RNG comes from (seed, round,
+partition). What *is* cached per process is read-only: the parsed
 manifest and the letterboxed images, which never change during a run.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from detection.images import LetterboxCache
+from detection.loss_hooks import LossHook
 from detection.manifest_reader import Federation
 from detection.metrics import NmsConfig, evaluate_records, predict_records
 from detection.model import build_model
@@ -116,28 +118,18 @@ def semi_config(ins: RoundInstructions, device: str) -> SemiConfig:
                       min_reliable_boxes=ins.min_reliable_boxes)
 
 
-def combine(*terms: Callable[[], torch.Tensor] | None) -> Callable[[], torch.Tensor] | None:
-    """Sum of regularisers (None when there is none)."""
-    active = [t for t in terms if t is not None]
-    if not active:
-        return None
-    if len(active) == 1:
-        return active[0]
-    return lambda: sum(t() for t in active)
-
-
 def train_round(model: torch.nn.Module, data: ClientData, ins: RoundInstructions,
-                extra_regulariser: Callable[[], torch.Tensor] | None = None, device: str = "cpu") -> TrainStats:
+                loss_hook: LossHook | None = None, device: str = "cpu") -> TrainStats:
     """One local round: pseudo-label training of ``ins.trainable`` with a fresh local EMA teacher.
 
     The orthogonality term (phase 2) is built here from the instructions; a strategy may add its
-    own local term (``extra_regulariser``).
+    own local term (``loss_hook``, which sees the batch, the outputs and the head's features).
     """
     ortho = None
     if ins.ortho_lambda > 0:
         ortho = OrthogonalityRegulariser(model, form=ins.ortho_form, coefficient=ins.ortho_lambda,
                                          seed=derive_seed(ins.seed, ins.server_round, data.partition_id, ORTHO_STREAM))
-    return train_unlabelled(model, data.images, semi_config(ins, device), regulariser=combine(ortho, extra_regulariser),
+    return train_unlabelled(model, data.images, semi_config(ins, device), regulariser=ortho, loss_hook=loss_hook,
                             hidden_records=data.hidden, seed_parts=(ins.server_round, data.partition_id),
                             cache=data.cache(ins.imgsz))
 

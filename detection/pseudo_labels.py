@@ -173,16 +173,18 @@ class PseudoLabelLoss(v8DetectionLoss):
     def __init__(self, model: torch.nn.Module, mode: str = "soft", tal_topk: int = 10):
         super().__init__(model, tal_topk=tal_topk)
         self.mode = mode
-        self.assigner = UncertainBoxAssigner(self.assigner, mode)
+        # Kept apart from ``self.assigner``, which a loss hook may wrap (detection.loss_hooks).
+        self.uncertain_assigner = UncertainBoxAssigner(self.assigner, mode)
+        self.assigner = self.uncertain_assigner
 
     def loss(self, preds, batch):
         batch_size = preds["boxes"].shape[0]
         if "pl_uncertain" in batch and self.mode != "drop":
-            self.assigner.scores = pad_per_image(batch["pl_scores"].float(), batch["batch_idx"], batch_size).to(self.device)
-            self.assigner.uncertain = pad_per_image(batch["pl_uncertain"].bool(), batch["batch_idx"], batch_size).to(self.device)
+            self.uncertain_assigner.scores = pad_per_image(batch["pl_scores"].float(), batch["batch_idx"], batch_size).to(self.device)
+            self.uncertain_assigner.uncertain = pad_per_image(batch["pl_uncertain"].bool(), batch["batch_idx"], batch_size).to(self.device)
         else:
-            self.assigner.scores = self.assigner.uncertain = None
+            self.uncertain_assigner.scores = self.uncertain_assigner.uncertain = None
         try:
             return super().loss(preds, batch)
         finally:
-            self.assigner.scores = self.assigner.uncertain = None
+            self.uncertain_assigner.scores = self.uncertain_assigner.uncertain = None

@@ -17,6 +17,7 @@ import torch
 
 from detection.ema import EmaTeacher, resolve_ema_decay
 from detection.images import LetterboxCache, to_model_batch
+from detection.loss_hooks import LossHook
 from detection.metrics import NmsConfig, postprocess
 from detection.pseudo_labels import PSEUDO_MODES, PseudoLabelLoss, count_pseudo_boxes, pseudo_box_quality, split_pseudo_labels
 from detection.records import ImageRecord
@@ -71,7 +72,7 @@ def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: Se
                      regulariser: Callable[[], torch.Tensor] | None = None,
                      hidden_records: Sequence[ImageRecord] | None = None, seed_parts: Iterable[int] = (),
                      cache: LetterboxCache | None = None, teacher: EmaTeacher | None = None,
-                     labelled: Sequence[ImageRecord] = ()) -> TrainStats:
+                     labelled: Sequence[ImageRecord] = (), loss_hook: LossHook | None = None) -> TrainStats:
     """Train ``model`` in place on unlabelled images with local-EMA-teacher pseudo labels.
 
     Parameters
@@ -96,6 +97,9 @@ def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: Se
         Labelled images; each step then adds ``batch_size`` of them (true boxes as reliable boxes of
         score 1) to the pseudo-labelled ones, so one loss sums the supervised and the pseudo-label
         terms (Unbiased-Teacher-style centralised training). Empty for a federated client.
+    loss_hook : LossHook, optional
+        A strategy's local term (FedProx's proximal term, FRAug); it sees the reliable pseudo boxes
+        as the assigner's positives.
 
     Returns
     -------
@@ -176,7 +180,7 @@ def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: Se
         return batch, counters
 
     stats, _ = run_steps(model, len(image_paths), tc, make_batch, loss_fn, regulariser, None, seed_parts,
-                         on_step_end=lambda: teacher.update(model))
+                         on_step_end=lambda: teacher.update(model), loss_hook=loss_hook)
     stats.extra.update(pseudo_box_quality(stats.extra))
     stats.extra = {k: v for k, v in stats.extra.items() if k not in ("true_boxes", "matched_reliable", "matched_uncertain")}
     stats.extra["ema_decay"] = decay

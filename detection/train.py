@@ -19,6 +19,7 @@ import detection  # noqa: F401
 from ultralytics.utils.loss import v8DetectionLoss
 
 from detection.images import LetterboxCache, to_model_batch
+from detection.loss_hooks import HeadTap, LossContext, LossHook, record_assignments
 from detection.model import GROUPS, set_trainable_groups
 from detection.records import ImageRecord
 from detection.seeds import derive_seed
@@ -125,13 +126,15 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
               make_batch: Callable[[np.ndarray, int], tuple[dict, dict[str, float]]],
               loss_fn: Callable, regulariser: Callable[[], torch.Tensor] | None = None,
               optimizer_state: Mapping | None = None, seed_parts: Sequence[int] = (),
-              on_step_end: Callable[[], None] | None = None) -> tuple[TrainStats, dict]:
+              on_step_end: Callable[[], None] | None = None, loss_hook: LossHook | None = None) -> tuple[TrainStats, dict]:
     """The loop: shuffle ``n_items`` indices, batch, forward, loss, backward, step.
 
     ``make_batch(indices, step)`` returns the model batch (Ultralytics' format), or None when the
     step has nothing to learn from (counted as ``steps_skipped``), and per-batch counters to sum;
     ``loss_fn(preds, batch)`` returns ``(loss, loss_items)``; ``on_step_end`` runs after each
-    optimiser step (the EMA teacher's update). Returns the stats and the optimiser's state.
+    optimiser step (the EMA teacher's update); ``loss_hook`` (a strategy's local term, see
+    :mod:`detection.loss_hooks`) adds to the loss and runs its own work after the step. Returns the
+    stats and the optimiser's state.
     """
     device = torch.device(cfg.device)
     model.to(device).train()
@@ -144,6 +147,8 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
     stats, sums, counters = TrainStats(num_examples=n_items), {}, {}
     start = time.perf_counter()
     order: np.ndarray = np.zeros(0, np.int64)
+    tap = HeadTap(model) if loss_hook is not None and loss_hook.needs_features else None
+    recorder = record_assignments(loss_fn) if loss_hook is not None and loss_hook.needs_assignment else None
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task(cfg.description, total=total, info="")
         for step in range(total):
@@ -167,6 +172,12 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
                 reg = regulariser()
                 loss = loss + reg
                 items = {**items, "ortho": reg.detach()}
+            if loss_hook is not None:
+                context = LossContext(model, batch, preds, step, tap, recorder)
+                term, more = loss_hook.loss(context)
+                if term is not None:
+                    loss = loss + term
+                items = {**items, **more}
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{cfg.description}: non-finite loss at step {step} ({ {k: float(v) for k, v in items.items()} })")
             optimizer.zero_grad(set_to_none=True)
@@ -176,11 +187,15 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
             optimizer.step()
             if on_step_end is not None:
                 on_step_end()
+            if loss_hook is not None:
+                items = {**items, **loss_hook.after_step(context)}
             for k, v in items.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             stats.steps += 1
             stats.images += len(indices)
             bar.update(task, advance=1, info=" ".join(f"{k} {float(v):.3f}" for k, v in items.items()))
+    if tap is not None:
+        tap.close()
     stats.seconds = time.perf_counter() - start
     stats.losses = {k: v / max(1, stats.steps) for k, v in sums.items()}
     stats.extra = counters
@@ -215,7 +230,8 @@ def labelled_views(records: Sequence[ImageRecord], indices: Iterable[int], cache
 
 def train_labelled(model: torch.nn.Module, records: Sequence[ImageRecord], cfg: TrainConfig, *,
                    optimizer_state: Mapping | None = None, regulariser: Callable[[], torch.Tensor] | None = None,
-                   cache: LetterboxCache | None = None, seed_parts: Iterable[int] = ()) -> tuple[TrainStats, dict]:
+                   cache: LetterboxCache | None = None, seed_parts: Iterable[int] = (),
+                   loss_hook: LossHook | None = None) -> tuple[TrainStats, dict]:
     """Supervised training on labelled records with Ultralytics' detection loss.
 
     Parameters
@@ -234,6 +250,8 @@ def train_labelled(model: torch.nn.Module, records: Sequence[ImageRecord], cfg: 
         Reuse letterboxed images across calls.
     seed_parts : iterable of int
         Extra seed parts (round, node, epoch) so each call draws its own shuffles and views.
+    loss_hook : LossHook, optional
+        A strategy's extra term that sees the batch, outputs and head features (FRAug on the server).
 
     Returns
     -------
@@ -251,6 +269,7 @@ def train_labelled(model: torch.nn.Module, records: Sequence[ImageRecord], cfg: 
         images, classes, boxes = labelled_views(records, indices, cache, view, lambda i: derive_seed(cfg.seed, *seed_parts, step, i))
         return to_model_batch(images, classes, boxes, cfg.device), {"boxes": float(sum(len(c) for c in classes))}
 
-    stats, opt_state = run_steps(model, len(records), cfg, make_batch, loss_fn, regulariser, optimizer_state, seed_parts)
+    stats, opt_state = run_steps(model, len(records), cfg, make_batch, loss_fn, regulariser, optimizer_state, seed_parts,
+                                 loss_hook=loss_hook)
     stats.num_examples = len(records)
     return stats, opt_state

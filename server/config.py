@@ -23,7 +23,7 @@ from detection.orthogonality import FORMS as ORTHO_FORMS
 from detection.pseudo_labels import PSEUDO_MODES
 from detection.train import AUGMENTS
 from detection.ultralytics_env import fedsto_home
-from strategies import StrategyError, strategy_class
+from strategies import StrategyError, get_strategy
 from strategies.protocol import ClientKnobs
 
 METHODS = ("partial", "full", "ssfl", "fedsto-st", "fedsto")
@@ -92,6 +92,9 @@ class RunConfig(ClientKnobs):
         Fraction of clients sampled per round (by partition id, seeded).
     min_reply_fraction : float
         A round with fewer successful replies than this fraction of the sampled clients fails the run.
+    reply_guard : bool
+        Reject malformed train replies before aggregation (NaN/Inf, wrong shape, dtype or keys,
+        a bad example count, a duplicate); each rejection counts as a failure of its round.
     round_timeout : float
         Seconds to wait for the replies of a round.
     discovery_timeout : float
@@ -143,6 +146,7 @@ class RunConfig(ClientKnobs):
     ortho_lambda: float = 0.0001
     fraction_train: float = 1.0
     min_reply_fraction: float = 1.0
+    reply_guard: bool = True
     round_timeout: float = 3600.0
     discovery_timeout: float = 300.0
     eval_every: int = 10
@@ -241,9 +245,9 @@ class RunConfig(ClientKnobs):
         if not self.weathers:
             fail("synthetic_weathers", "a comma-separated list of weathers")
         try:
-            strategy_class(self.strategy)
+            get_strategy(self.strategy, self.strategy_options)
         except StrategyError as err:
-            raise ConfigError(f"run-config strategy={self.strategy!r}: {err}") from None
+            raise ConfigError(f"run-config strategy={self.strategy!r} strategy-options={self.strategy_options!r}: {err}") from None
 
     # -- derived values ----------------------------------------------------------------------------
 

@@ -14,21 +14,28 @@ import numpy as np
 from flwr.app import Message
 
 from strategies import protocol
+from strategies.guard import ArraySpec, check_reply
 
 
 @dataclass
 class RoundReplies:
-    """Replies of one round split into usable ones and failures (with reasons)."""
+    """Replies of one round split into usable ones and failures (with reasons).
+
+    ``rejected`` lists the replies the guard turned away, as ``{"partition", "node", "reason"}``
+    (they are among ``failures`` too).
+    """
 
     ok: list[Message] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
 
     @property
     def num_failures(self) -> int:
         return len(self.failures)
 
 
-def classify_replies(replies: Iterable[Message], sent: Mapping[int, int], expected_keys: Sequence[str] | None = None) -> RoundReplies:
+def classify_replies(replies: Iterable[Message], sent: Mapping[int, int],
+                     expected: Mapping[str, ArraySpec] | None = None, guard: bool = True) -> RoundReplies:
     """Sort replies into usable ones and failures.
 
     Parameters
@@ -37,23 +44,35 @@ def classify_replies(replies: Iterable[Message], sent: Mapping[int, int], expect
         What ``grid.send_and_receive`` returned.
     sent : mapping
         Node id -> partition id of every message sent this round.
-    expected_keys : sequence of str, optional
-        Keys each train reply must upload (exactly these; None: not checked).
+    expected : mapping of str to ArraySpec, optional
+        The arrays each train reply must upload (exactly these keys, shapes and dtypes; None: a
+        reply without arrays, such as the teacher check's).
+    guard : bool
+        Run :func:`strategies.guard.check_reply` on train replies (``reply-guard``); with it off,
+        only the keys are compared.
 
     Returns
     -------
     RoundReplies
         A reply fails when it carries an error, comes from an unexpected node, reports another
-        partition id, or uploads other keys than asked; a sent message without reply fails too.
+        partition id, is a second reply for its partition, or fails the guard; a sent message
+        without reply fails too.
     """
     out = RoundReplies()
     seen: set[int] = set()
-    want = set(expected_keys) if expected_keys is not None else None
     for reply in replies:
         nid = reply.metadata.src_node_id
         pid = sent.get(nid)
         if pid is None:
             out.failures.append(f"node {nid}: reply to a message this round did not send")
+            continue
+
+        def reject(reason: str) -> None:
+            out.failures.append(f"partition {pid} (node {nid}): rejected: {reason}")
+            out.rejected.append({"partition": pid, "node": nid, "reason": reason})
+
+        if nid in seen:
+            reject("a second reply for this partition in one round")
             continue
         seen.add(nid)
         if reply.has_error():
@@ -66,12 +85,15 @@ def classify_replies(replies: Iterable[Message], sent: Mapping[int, int], expect
         if int(metrics.get(protocol.PARTITION_ID, -1)) != pid:
             out.failures.append(f"partition {pid} (node {nid}): reply claims partition {metrics.get(protocol.PARTITION_ID)}")
             continue
-        if want is not None:
+        if expected is not None:
             arrays = reply.content.array_records.get(protocol.ARRAYS)
-            got = set(arrays.keys()) if arrays is not None else set()
-            if got != want:
-                out.failures.append(f"partition {pid} (node {nid}): uploaded {len(got)} tensors, expected the "
-                                    f"{len(want)} asked for ({len(got - want)} extra, {len(want - got)} missing)")
+            if guard:
+                reason = check_reply(arrays, metrics[protocol.NUM_EXAMPLES], expected)
+            else:
+                got = set(arrays.keys()) if arrays is not None else set()
+                reason = None if got == set(expected) else f"uploaded {len(got)} tensors, expected the {len(expected)} asked for"
+            if reason is not None:
+                reject(reason)
                 continue
         out.ok.append(reply)
     for nid, pid in sent.items():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import hashlib
 import json
 import os
 import shutil
@@ -94,6 +95,16 @@ class RunDir:
         if not self.path.is_absolute():
             raise RunDirError(f"run directory {path} must be absolute (the ServerApp's cwd is the SuperLink's)")
         self.keep = int(keep)
+
+    @property
+    def run_key(self) -> str:
+        """The project's id of this run: the folder's name and a hash of its path (the same on resume).
+
+        Clients key their saved local state by it (``client.node_state``); Flower's run id cannot
+        serve, as every ``flwr run`` (a resume included) gets a new one.
+        """
+        digest = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:10]
+        return f"{self.path.name}-{digest}"
 
     # -- creation / resume -----------------------------------------------------------------------
 

@@ -8,9 +8,11 @@ aggregated (``strategies.base``).
 
 Per client round::
 
-    sample partitions (seeded) -> broadcast full state + RoundInstructions (ConfigRecord)
-    -> grid.send_and_receive -> classify replies (failures counted; below min-reply-fraction: fail)
-    -> strategy.aggregate (sorted by partition id) -> strategy.merge into the server model
+    sample partitions (seeded) -> strategy.configure_round (global state, upload keys)
+    -> broadcast full state (+ the strategy's extra arrays) + RoundInstructions (ConfigRecord)
+    -> grid.send_and_receive -> classify replies and guard them (failures and rejections counted;
+       below min-reply-fraction: fail) -> strategy.aggregate (sorted by partition id)
+    -> strategy.merge into the server model
     -> server epoch(s) on the labelled set (orthogonality in phase 2) -> evaluate -> checkpoint
 """
 
@@ -45,7 +47,9 @@ from server.rounds import (classify_replies, mean_losses, personal_summary, pseu
 from server.sampling import Discovery, discover_partitions, sample_partitions
 from server.state import ServerState, checkpoint_payload, restore_checkpoint
 from server.teacher_check import TeacherThresholds, summarise_teacher_check
-from strategies import FederatedStrategy, get_strategy, protocol
+from strategies import FederatedStrategy, StrategyError, get_strategy, protocol
+from strategies.base import RoundContext, split_extra, with_extra
+from strategies.guard import expected_specs
 from strategies.protocol import RoundInstructions
 
 log = logging.getLogger("fedsto.server")
@@ -82,7 +86,7 @@ class FederatedRun:
     def __init__(self, grid, cfg: RunConfig, strategy: FederatedStrategy | None = None, console: Console | None = None) -> None:
         self.grid = grid
         self.cfg = cfg
-        self.strategy = strategy or get_strategy(cfg.strategy)
+        self.strategy = strategy or get_strategy(cfg.strategy, cfg.strategy_options)
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.device = cfg.resolved_device()
         self.state = ServerState()
@@ -131,8 +135,11 @@ class FederatedRun:
         names = self.fed.class_names
         torch.manual_seed(cfg.seed)  # model init is part of what the seed fixes
         self.model = build_model(cfg.model, len(names), names, weights=cfg.weights or None)
+        self.strategy.setup(self.model)
+        self.parameter_keys = frozenset(n for n, p in self.model.named_parameters() if p.is_floating_point())
         if checkpoint is not None:
             self.state, self.optimizer_state = restore_checkpoint(self.model, checkpoint)
+            self.strategy.load_state_dict(checkpoint.get("strategy_state") or {})
             dropped = self.run_dir.truncate_metrics(self.state.step)
             self.say(f"resuming {self.run_dir.path} after step {self.state.step}/{len(self.plan.steps)} "
                      f"({checkpoint['label']}); {dropped} metrics row(s) of unfinished steps dropped")
@@ -177,7 +184,8 @@ class FederatedRun:
             return self._run_steps()
         except Exception as exc:
             self.run_dir.write_result("failed", reason=str(exc), failures=self.state.failures,
-                                      failures_by_step=self.state.failures_by_step, last_step=self.state.step)
+                                      failures_by_step=self.state.failures_by_step, rejections=self.state.rejections,
+                                      last_step=self.state.step)
             self.run_dir.write_progress(self.state.step, len(self.plan.steps), "failed", status="failed")
             self.say(f"run failed: {exc}", style="bold red")
             raise
@@ -189,7 +197,7 @@ class FederatedRun:
     def _run_steps(self) -> dict:
         cfg, plan = self.cfg, self.plan
         remaining = plan.remaining(self.state.step)
-        self.say(f"fedsto {cfg.method} ({cfg.strategy}) on {self.manifest}: {len(self.labelled)} labelled server images, "
+        self.say(f"fedsto {cfg.method} ({self.strategy.describe()}) on {self.manifest}: {len(self.labelled)} labelled server images, "
                  f"{self.fed.num_clients} clients, domains {', '.join(self.fed.domains)}; device {self.device}; "
                  f"run dir {self.run_dir.path}")
         for stage, n, what in plan.describe():
@@ -218,6 +226,11 @@ class FederatedRun:
                             f"(min-reply-fraction {cfg.min_reply_fraction} needs {needed}); in simulation start one SuperNode "
                             f"per client: flwr run ... --federation-config 'num-supernodes={self.fed.num_clients}'")
         self.discovery = found
+        num_sampled = len(sample_partitions(found.partitions, cfg.fraction_train, cfg.seed, 1))
+        try:
+            self.strategy.check_round_size(num_sampled, required_replies(num_sampled, cfg.min_reply_fraction))
+        except StrategyError as err:
+            raise RunFailed(f"before round 1: {err}") from None
         self.say("clients: " + ", ".join(f"{pid}={info.get('domain')}({info.get('images')})" for pid, info in sorted(found.info.items())))
 
     def _run_step(self, step: Step) -> None:
@@ -240,7 +253,8 @@ class FederatedRun:
                                            description=f"{step.label}: server epoch")
             stats, self.optimizer_state = train_labelled(self.model, self.labelled, tc,
                                                          optimizer_state=self.optimizer_state, regulariser=reg,
-                                                         cache=self.train_cache, seed_parts=(step.index, epoch))
+                                                         cache=self.train_cache, seed_parts=(step.index, epoch),
+                                                         loss_hook=self.strategy.server_loss(self.model))
             server.append(stats.as_metrics())
         if server:
             row["server"] = {k: float(np.mean([s.get(k, 0.0) for s in server])) for k in server[-1]}
@@ -283,6 +297,7 @@ class FederatedRun:
     def _checkpoint(self, step: Step, is_best: bool) -> None:
         payload = checkpoint_payload(self.model, self.state, self.optimizer_state, step.index, step.phase_name, step.round,
                                      step.label, self.cfg.to_run_config())
+        payload["strategy_state"] = self.strategy.state_dict()
         self.run_dir.save_checkpoint(payload, step.index, is_best)
 
     # -- client rounds ---------------------------------------------------------------------------
@@ -292,7 +307,12 @@ class FederatedRun:
         return RoundInstructions.for_round(
             self.cfg, server_round=step.round, phase=step.phase_name, trainable=phase.client_groups,
             upload=phase.upload_groups, ortho_lambda=self.cfg.ortho_lambda if phase.orthogonality else 0.0,
-            evaluate_personal=evaluate_personal, federation=str(self.manifest))
+            evaluate_personal=evaluate_personal, federation=str(self.manifest), run_key=self.run_dir.run_key)
+
+    def _broadcast(self) -> ArrayRecord:
+        """The model keys the strategy broadcasts, with its extra arrays beside them."""
+        return ArrayRecord(with_extra(get_state(self.model, self.strategy.broadcast_keys(self.model)),
+                                      self.strategy.server_arrays()))
 
     def _messages(self, partitions: list[int], arrays: ArrayRecord, ins: RoundInstructions, message_type: str) -> tuple[list[Message], dict[int, int]]:
         config = ConfigRecord(ins.to_config())
@@ -305,33 +325,41 @@ class FederatedRun:
         cfg = self.cfg
         sampled = sample_partitions(self.discovery.partitions, cfg.fraction_train, cfg.seed, step.round)
         ins = self.instructions(step, evaluate_personal=step.evaluate and cfg.eval_personal)
-        arrays = ArrayRecord(get_state(self.model, self.strategy.broadcast_keys(self.model)))
+        upload_keys = self.strategy.upload_keys(self.model, ins.upload)
+        global_state = get_state(self.model)
+        self.strategy.configure_round(RoundContext(step.round, global_state, upload_keys, self.parameter_keys, len(sampled)))
+        arrays = self._broadcast()
         messages, sent = self._messages(sampled, arrays, ins, protocol.TRAIN)
-        expected = self.strategy.upload_keys(self.model, ins.upload)
-        replies = classify_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), sent, expected)
+        expected = expected_specs(with_extra({k: global_state[k] for k in upload_keys}, self.strategy.server_arrays()))
+        replies = classify_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), sent, expected,
+                                   guard=cfg.reply_guard)
         row: dict = {"sampled": sampled, "replies": len(replies.ok), "failures": replies.num_failures,
                      "failure_reasons": replies.failures, "bytes_down": arrays.count_bytes() * len(sampled),
                      "bytes_up": int(sum(r.content[protocol.ARRAYS].count_bytes() for r in replies.ok)),
                      "bytes_model": ArrayRecord(get_state(self.model)).count_bytes(),
-                     "upload_keys": len(expected)}
+                     "upload_keys": len(upload_keys), "rejected": replies.rejected}
         self.state.failures += replies.num_failures
+        self.state.rejections += [{"round": step.round, **r} for r in replies.rejected]
         if replies.num_failures:
             self.state.failures_by_step[str(step.index)] = replies.num_failures
             for f in replies.failures:
                 self.warn(f"round {step.round}: {f}")
-        needed = required_replies(len(sampled), cfg.min_reply_fraction)
+        needed = max(required_replies(len(sampled), cfg.min_reply_fraction), self.strategy.min_replies())
         if len(replies.ok) < needed:
             row["status"] = "failed"
             self.run_dir.append_metrics({"step": step.index, "kind": step.kind, "phase": step.phase_name,
                                          "round": step.round, "method": cfg.method, **row})
             raise RunFailed(f"round {step.round}: {len(replies.ok)} of {len(sampled)} clients replied, "
-                            f"min-reply-fraction {cfg.min_reply_fraction} needs {needed}: " + "; ".join(replies.failures))
+                            f"min-reply-fraction {cfg.min_reply_fraction} and {self.strategy.name} need {needed}: "
+                            + "; ".join(replies.failures))
         per_client = {str(int(reply_metrics(r)[protocol.PARTITION_ID])): reply_metrics(r) for r in replies.ok}
         domains = {str(int(reply_metrics(r)[protocol.PARTITION_ID])): reply_domain(r) for r in replies.ok}
         aggregate, _ = self.strategy.aggregate(step.round, replies.ok)
         if aggregate is None:
             raise RunFailed(f"round {step.round}: the strategy produced no aggregate from {len(replies.ok)} replies")
-        set_state(self.model, self.strategy.merge(get_state(self.model), aggregate))
+        model_part, extra_part = split_extra(aggregate)
+        set_state(self.model, self.strategy.merge(global_state, model_part))
+        self.strategy.load_server_arrays(extra_part)
         row["clients"] = {pid: {"domain": domains[pid], **m} for pid, m in sorted(per_client.items(), key=lambda kv: int(kv[0]))}
         row["client_losses"] = mean_losses(per_client)
         row["pseudo"] = pseudo_summary(per_client)
@@ -353,8 +381,7 @@ class FederatedRun:
         server_map50 = self.state.last_eval[self.fed.server_domain]["map50"]
         server_density = float(np.mean([len(r.classes) for r in self.labelled])) if self.labelled else 0.0
         ins = self.instructions(step, evaluate_personal=False)
-        arrays = ArrayRecord(get_state(self.model, self.strategy.broadcast_keys(self.model)))
-        messages, sent = self._messages(self.discovery.partitions, arrays, ins, protocol.EVALUATE_TEACHER)
+        messages, sent = self._messages(self.discovery.partitions, self._broadcast(), ins, protocol.EVALUATE_TEACHER)
         replies = classify_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), sent, None)
         clients = {}
         for r in replies.ok:
@@ -380,7 +407,7 @@ class FederatedRun:
                                         {"imgsz": cfg.imgsz, "method": cfg.method, "strategy": cfg.strategy, "seed": cfg.seed})
         result = self.run_dir.write_result(
             "completed", method=cfg.method, strategy=cfg.strategy, steps=len(self.plan.steps), failures=self.state.failures,
-            failures_by_step=self.state.failures_by_step, final=final, best_map50=self.state.best_map50,
+            failures_by_step=self.state.failures_by_step, rejections=self.state.rejections, final=final, best_map50=self.state.best_map50,
             best_step=self.state.best_step, elapsed_seconds=self.state.elapsed, model=str(model_path))
         try:
             write_run_report(self.run_dir.path)

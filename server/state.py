@@ -29,6 +29,7 @@ class ServerState:
     teacher_checked: bool = False
     last_eval: dict | None = None
     failures_by_step: dict = field(default_factory=dict)
+    rejections: list = field(default_factory=list)
 
 
 def rng_state() -> dict:

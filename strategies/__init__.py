@@ -1,24 +1,47 @@
 """Aggregation strategies as plug-ins, and a registry to get one by name.
 
-``get_strategy("fedavg")`` returns the built-in FedAvg; ``get_strategy("my_pkg.module:MyStrategy")``
-(or ``my_pkg.module.MyStrategy``) imports a user's :class:`~strategies.base.FederatedStrategy`
-subclass. See :mod:`strategies.base` for what a strategy decides.
+A strategy is found, in this order, as
+
+1. a built-in name (:data:`BUILTIN`: ``fedavg``, ``fedbn``, ``fedprox``, ``fedadam``, ...);
+2. an installed plug-in: an entry point in the group ``fedsto.strategies`` whose name is the
+   strategy's name and whose value is ``package.module:Class`` (``pip install`` a package that
+   declares it; see ``examples/``);
+3. a dotted path ``package.module:Class`` (or ``package.module.Class``).
+
+``get_strategy(name, options)`` builds it from the two run-config strings ``strategy`` and
+``strategy-options``. See :mod:`strategies.base` for what a strategy decides.
 """
 
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import entry_points
 
-from strategies.base import FederatedStrategy, merge_states, sort_replies_by_partition
+from strategies.base import FederatedStrategy, StrategyError, StrategyOption, merge_states, sort_replies_by_partition
+
+ENTRY_POINT_GROUP = "fedsto.strategies"
 
 # Built-in strategies by name -> "module:Class" (imported lazily).
 BUILTIN = {
     "fedavg": "strategies.fedavg:FedAvgStrategy",
+    "fedbn": "strategies.fedbn:FedBNStrategy",
+    "fedprox": "strategies.fedprox:FedProxStrategy",
+    "fedavgm": "strategies.fedavgm:FedAvgMStrategy",
+    "fedadam": "strategies.fedopt:FedAdamStrategy",
+    "fedyogi": "strategies.fedopt:FedYogiStrategy",
+    "fedadagrad": "strategies.fedopt:FedAdagradStrategy",
+    "fedmedian": "strategies.robust:FedMedianStrategy",
+    "fedtrimmedavg": "strategies.robust:FedTrimmedAvgStrategy",
+    "krum": "strategies.robust:KrumStrategy",
+    "multikrum": "strategies.robust:MultiKrumStrategy",
+    "bulyan": "strategies.robust:BulyanStrategy",
+    "fraug": "strategies.fraug:FRAugStrategy",
 }
 
 
-class StrategyError(ValueError):
-    """An unknown or unusable strategy name."""
+def plugins() -> dict[str, str]:
+    """Installed plug-ins: entry-point name -> ``module:Class`` (group ``fedsto.strategies``)."""
+    return {ep.name.lower(): ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def _import(spec: str):
@@ -26,7 +49,8 @@ def _import(spec: str):
     if not sep:
         module_name, _, attr = spec.rpartition(".")
     if not all(part.isidentifier() for part in (*module_name.split("."), attr)):
-        raise StrategyError(f"strategy {spec!r}: expected a built-in name ({', '.join(BUILTIN)}) or 'package.module:Class'")
+        raise StrategyError(f"strategy {spec!r}: expected a built-in name ({', '.join(BUILTIN)}), an installed plug-in "
+                            "or 'package.module:Class'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -43,37 +67,53 @@ def strategy_class(name: str) -> type[FederatedStrategy]:
     Parameters
     ----------
     name : str
-        ``fedavg`` or ``package.module:Class`` / ``package.module.Class``.
+        A built-in name, an installed plug-in's name, or ``package.module:Class`` / ``package.module.Class``.
 
     Raises
     ------
     StrategyError
         If the name is unknown, cannot be imported or is not a FederatedStrategy subclass.
     """
-    spec = BUILTIN.get(str(name).lower(), str(name))
+    key = str(name).lower()
+    spec = BUILTIN.get(key) or plugins().get(key) or str(name)
     if spec == name and "." not in spec and ":" not in spec:
-        raise StrategyError(f"unknown strategy {name!r}; built in: {', '.join(BUILTIN)}; or give 'package.module:Class'")
+        found = plugins()
+        raise StrategyError(f"unknown strategy {name!r}; built in: {', '.join(BUILTIN)}"
+                            + (f"; plug-ins: {', '.join(found)}" if found else "; no plug-ins installed")
+                            + "; or give 'package.module:Class'")
     cls = _import(spec)
     if not (isinstance(cls, type) and issubclass(cls, FederatedStrategy)):
         raise StrategyError(f"strategy {name!r} resolves to {cls!r}, which is not a strategies.base.FederatedStrategy subclass")
     return cls
 
 
-def get_strategy(name: str, **options) -> FederatedStrategy:
-    """A strategy instance by built-in name or dotted path (see :func:`strategy_class`).
+def get_strategy(name: str, options: str = "") -> FederatedStrategy:
+    """A strategy instance from the ``strategy`` and ``strategy-options`` run-config strings.
 
     Parameters
     ----------
     name : str
-        ``fedavg`` or ``package.module:Class`` / ``package.module.Class``.
-    **options
-        Keyword arguments for the class.
+        See :func:`strategy_class`.
+    options : str
+        ``name=value`` pairs (see :func:`strategies.base.parse_options`).
 
     Returns
     -------
     FederatedStrategy
     """
-    return strategy_class(name)(**options)
+    return strategy_class(name).from_options(options)
 
 
-__all__ = ["BUILTIN", "FederatedStrategy", "StrategyError", "get_strategy", "strategy_class", "merge_states", "sort_replies_by_partition"]
+def available() -> list[tuple[str, str, type[FederatedStrategy] | None, str]]:
+    """Every strategy found: ``(name, source, class or None, error)``; source is ``built-in`` or the plug-in's spec."""
+    rows = []
+    for name, source in [*((n, "built-in") for n in BUILTIN), *plugins().items()]:
+        try:
+            rows.append((name, source, strategy_class(name), ""))
+        except StrategyError as err:
+            rows.append((name, source, None, str(err)))
+    return rows
+
+
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "FederatedStrategy", "StrategyError", "StrategyOption", "available", "get_strategy",
+           "merge_states", "plugins", "sort_replies_by_partition", "strategy_class"]

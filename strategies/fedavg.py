@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.serverapp.strategy import FedAvg
 
 from strategies import protocol
-from strategies.base import FederatedStrategy
+from strategies.base import NO_SAMPLING, FederatedStrategy
 
 
 class FedAvgStrategy(FederatedStrategy):
@@ -21,10 +21,7 @@ class FedAvgStrategy(FederatedStrategy):
     """
 
     name = "fedavg"
+    description = "example-weighted mean of the uploads (McMahan et al., 2017)"
 
     def __init__(self, weighted_by_key: str = protocol.NUM_EXAMPLES) -> None:
-        # Sampling and waiting for nodes are done by the ServerApp (by partition id), so FedAvg's
-        # own sampling settings are irrelevant here; min_* = 0 keeps it from ever waiting.
-        super().__init__(FedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=0,
-                                min_evaluate_nodes=0, min_available_nodes=0, weighted_by_key=weighted_by_key),
-                         weight_key=weighted_by_key)
+        super().__init__(FedAvg(**NO_SAMPLING, weighted_by_key=weighted_by_key), weight_key=weighted_by_key)

@@ -43,8 +43,12 @@ class ClientKnobs:
     Parameters
     ----------
     strategy : str
-        Aggregation strategy: ``fedavg`` or a dotted ``package.module:Class`` (its client half
-        decides what stays local).
+        Aggregation strategy: a built-in name (``fedsto strategies`` lists them), an installed
+        plug-in's name, or a dotted ``package.module:Class`` (its client half decides what stays
+        local and what it adds to the loss).
+    strategy_options : str
+        The strategy's options as ``name=value`` pairs, e.g. ``"proximal-mu=0.01"`` (both halves
+        build the strategy from the same string).
     model : str
         Ultralytics detection yaml (``yolo11n.yaml``, ``yolov5nu.yaml``, ...): the architecture
         the broadcast arrays belong to.
@@ -72,6 +76,7 @@ class ClientKnobs:
     """
 
     strategy: str = "fedavg"
+    strategy_options: str = ""
     model: str = "yolo11n.yaml"
     # The engine's defaults are the paper's (DESIGN.md, "FedSTO details"): one source for them.
     seed: int = TrainConfig.seed
@@ -115,6 +120,9 @@ class RoundInstructions(ClientKnobs):
         Evaluate the locally trained model on the client's own domain after training.
     federation : str
         The manifest the server uses; a node's ``--node-config federation=...`` overrides it.
+    run_key : str
+        The project's id of the run (stable across ``resume``, unlike Flower's run id): with the
+        partition id it names the node's saved local state.
     """
 
     server_round: int
@@ -124,6 +132,7 @@ class RoundInstructions(ClientKnobs):
     ortho_lambda: float
     evaluate_personal: bool
     federation: str
+    run_key: str
 
     @classmethod
     def for_round(cls, knobs: ClientKnobs, **round_fields) -> "RoundInstructions":

@@ -30,7 +30,7 @@ IMGSZ = 96
 def instructions(federation, phase: str, **changes) -> RoundInstructions:
     groups = ("backbone",) if phase == "phase1" else ("backbone", "neck", "head")
     values = dict(server_round=1, phase=phase, trainable=groups, upload=groups, ortho_lambda=0.0 if phase == "phase1" else 1e-3,
-                  ortho_form="srip", evaluate_personal=False, federation=str(federation), model="yolo11n.yaml", seed=0,
+                  ortho_form="srip", evaluate_personal=False, federation=str(federation), run_key="test-run", model="yolo11n.yaml", seed=0,
                   local_epochs=1, imgsz=IMGSZ, batch_size=8, lr=0.01, momentum=0.937, weight_decay=5e-4, ema_decay="auto",
                   tau_low=0.1, tau_high=0.6, nms_conf=0.1, nms_iou=0.65, pseudo_mode="soft", min_reliable_boxes=0)
     values.update(changes)

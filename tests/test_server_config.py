@@ -74,7 +74,7 @@ def changed_value(cfg: RunConfig, name: str):
     kind = {f.name: f.type for f in fields(RunConfig)}[name]
     current = getattr(cfg, name)
     candidates = {"int": lambda: [current + 32], "float": lambda: [current / 2], "bool": lambda: [not current],
-                  "str": lambda: [*CHOICES.get(name, ()), "auto", "strategies.fedavg:FedAvgStrategy", current + "-x"]}[kind]()
+                  "str": lambda: [*CHOICES.get(name, ()), "auto", "strategies.fedavg:FedAvgStrategy", current + "-x", current + " "]}[kind]()
     for value in candidates:
         if value != current:
             try:
@@ -85,11 +85,12 @@ def changed_value(cfg: RunConfig, name: str):
     raise AssertionError(f"no other valid value found for {name}")
 
 
-def test_every_client_knob_reaches_the_round_instructions_and_back():
+def test_every_client_knob_reaches_the_round_instructions_and_back(tmp_path):
     """Adding a client knob is one field of ClientKnobs: it must travel without any other edit."""
     from flwr.app import ConfigRecord
 
     from server.plan import build_plan
+    from server.rundir import RunDir
     from server.runner import FederatedRun
     from strategies.protocol import CLIENT_KNOBS, RoundInstructions
 
@@ -98,10 +99,11 @@ def test_every_client_knob_reaches_the_round_instructions_and_back():
     assert all(getattr(cfg, name) != getattr(RunConfig(), name) for name in CLIENT_KNOBS)
     run = FederatedRun(grid=None, cfg=cfg)
     run.manifest = "/data/federation.json"
+    run.run_dir = RunDir(tmp_path / "run")
     step = next(s for s in build_plan("fedsto", 1, 1, 1).steps if s.phase_name == "phase2")
     sent = run.instructions(step, evaluate_personal=True)
     received = RoundInstructions.from_config(ConfigRecord(sent.to_config()))
-    assert received == sent
+    assert received == sent and received.run_key == run.run_dir.run_key
     assert {name: getattr(received, name) for name in CLIENT_KNOBS} == {name: getattr(cfg, name) for name in CLIENT_KNOBS}
     assert (received.server_round, received.phase, received.upload, received.ortho_lambda) == (
         2, "phase2", ("backbone", "neck", "head"), cfg.ortho_lambda)

@@ -169,5 +169,8 @@ def test_the_readme_own_data_example_reads_its_bare_path(tmp_path, capsys, monke
 
 
 def test_an_unknown_strategy_is_refused_before_anything_starts(tmp_path, capsys, monkeypatch):
-    text = run_refused(["--preset", "smoke", "--out", str(tmp_path / "out"), "--", "strategy=fedprox"], capsys, monkeypatch)
-    assert "strategy='fedprox'" in text and "unknown strategy" in text
+    text = run_refused(["--preset", "smoke", "--out", str(tmp_path / "out"), "--", "strategy=fedprocs"], capsys, monkeypatch)
+    assert "strategy='fedprocs'" in text and "unknown strategy" in text
+    text = run_refused(["--preset", "smoke", "--out", str(tmp_path / "out"), "--", "strategy=fedprox", "strategy-options=mu=1"],
+                       capsys, monkeypatch)
+    assert "has no option 'mu'; it accepts: proximal-mu" in text
