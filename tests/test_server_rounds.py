@@ -7,6 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from strategies.guard import expected_specs
 from server.rounds import classify_replies, mean_losses, personal_summary, pseudo_summary, required_replies
 
 
@@ -28,12 +29,28 @@ def test_classify_counts_every_kind_of_failure():
     sent = {11: 0, 12: 1, 13: 2, 14: 3, 15: 4}
     replies = [ok_reply(11, 0), Message(Error(code=1, reason="actor died"), reply_to=request(12)),
                ok_reply(13, 7), ok_reply(14, 3, keys=("a",)), ok_reply(99, 9)]
-    out = classify_replies(replies, sent, expected_keys=["a", "b"])
+    out = classify_replies(replies, sent, expected_specs({"a": torch.zeros(1), "b": torch.zeros(1)}))
     assert [int(r.content["metrics"]["partition-id"]) for r in out.ok] == [0]
     text = "\n".join(out.failures)
     assert out.num_failures == 5
     for needle in ("actor died", "claims partition 7", "uploaded 1 tensors", "did not send", "partition 4 (node 15): no reply"):
         assert needle in text
+
+
+def test_the_guard_rejects_nan_shape_weight_and_duplicate_and_keeps_the_rest():
+    sent = {11: 0, 12: 1, 13: 2, 14: 3, 15: 4}
+    nan = ok_reply(12, 1)
+    nan.content["arrays"] = ArrayRecord({"a": torch.full((1,), float("nan")), "b": torch.zeros(1)})
+    shape = ok_reply(13, 2)
+    shape.content["arrays"] = ArrayRecord({"a": torch.zeros(2), "b": torch.zeros(1)})
+    negative = ok_reply(14, 3)
+    negative.content["metrics"] = MetricRecord({"num-examples": -4, "partition-id": 3})
+    replies = [ok_reply(11, 0), nan, shape, negative, ok_reply(15, 4), ok_reply(15, 4)]
+    out = classify_replies(replies, sent, expected_specs({"a": torch.zeros(1), "b": torch.zeros(1)}))
+    assert [int(r.content["metrics"]["partition-id"]) for r in out.ok] == [0, 4]
+    reasons = {r["partition"]: r["reason"] for r in out.rejected}
+    assert set(reasons) == {1, 2, 3, 4}
+    assert "NaN/Inf" in reasons[1] and "shape (2,)" in reasons[2] and "num-examples" in reasons[3] and "second reply" in reasons[4]
 
 
 def test_required_replies():
