@@ -309,10 +309,10 @@ class FederatedRun:
             upload=phase.upload_groups, ortho_lambda=self.cfg.ortho_lambda if phase.orthogonality else 0.0,
             evaluate_personal=evaluate_personal, federation=str(self.manifest), run_key=self.run_dir.run_key)
 
-    def _broadcast(self) -> ArrayRecord:
+    def _broadcast(self, extra: dict | None = None) -> ArrayRecord:
         """The model keys the strategy broadcasts, with its extra arrays beside them."""
-        return ArrayRecord(with_extra(get_state(self.model, self.strategy.broadcast_keys(self.model)),
-                                      self.strategy.server_arrays()))
+        extra = self.strategy.server_arrays() if extra is None else extra
+        return ArrayRecord(with_extra(get_state(self.model, self.strategy.broadcast_keys(self.model)), extra))
 
     def _messages(self, partitions: list[int], arrays: ArrayRecord, ins: RoundInstructions, message_type: str) -> tuple[list[Message], dict[int, int]]:
         config = ConfigRecord(ins.to_config())
@@ -328,9 +328,10 @@ class FederatedRun:
         upload_keys = self.strategy.upload_keys(self.model, ins.upload)
         global_state = get_state(self.model)
         self.strategy.configure_round(RoundContext(step.round, global_state, upload_keys, self.parameter_keys, len(sampled)))
-        arrays = self._broadcast()
+        extra = self.strategy.server_arrays()
+        arrays = self._broadcast(extra)
         messages, sent = self._messages(sampled, arrays, ins, protocol.TRAIN)
-        expected = expected_specs(with_extra({k: global_state[k] for k in upload_keys}, self.strategy.server_arrays()))
+        expected = expected_specs(with_extra({k: global_state[k] for k in upload_keys}, extra))
         replies = classify_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), sent, expected,
                                    guard=cfg.reply_guard)
         row: dict = {"sampled": sampled, "replies": len(replies.ok), "failures": replies.num_failures,

@@ -38,7 +38,7 @@ class FedAvgMStrategy(ServerOptimiserStrategy):
     def step(self, server_round, replies, current):
         keys = list(current)
         self.flower.current_arrays = ArrayRecord({k: Array(current[k]) for k in keys})
-        self.flower.momentum_vector = [v for v in self._keyed(self.momentum, current).values()] if self.momentum else None
+        self.flower.momentum_vector = list(self._keyed(self.momentum, current).values()) if self.momentum else None
         arrays, _ = self.flower.aggregate_train(server_round, replies)
         if self.flower.momentum_vector is not None:
             self.momentum.update(zip(keys, (np.asarray(v) for v in self.flower.momentum_vector)))
