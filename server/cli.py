@@ -1,4 +1,4 @@
-"""The ``fedsto`` command: data preparation, centralised training and evaluation, federated runs."""
+"""The ``fedsto`` command: data preparation, centralised training and evaluation, federated runs, strategies."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from detection.data_cli import add_data_commands
 from detection.train_cli import add_train_commands
 from server.launch import add_run_command
 from server.report import add_report_command
+from server.strategies_cli import add_strategies_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_commands(sub)
     add_run_command(sub)
     add_report_command(sub)
+    add_strategies_command(sub)
     return parser
 
 
