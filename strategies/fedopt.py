@@ -12,8 +12,10 @@ theirs. Moments are saved in every server checkpoint and restored on resume.
 every weight by up to about ``eta`` per round whatever the gradient's scale. Flower's default
 (0.1 for FedAdam) is far larger than typical convolution weights of a small detector
 (|w| ~ 0.01-0.1), so the default here is 1e-3; ``tau`` bounds the step where ``v`` is tiny and
-should stay below ``eta``. These are expectations from the update rule, not yet a measured sweep:
-``tests/test_strategy_runs.py`` shows a fedsto run completing with ``eta=0.001``, nothing more.
+should stay below ``eta``. Measured (``python -m benchmarks.strategy_table``: yolo11n at 128 px,
+7 clients, one warm start, 1 + 1 FedSTO rounds; Total mAP50 of the final global model, FedAvg
+0.205): FedAdam ``eta=1e-4`` 0.190, ``1e-3`` 0.204, ``1e-2`` 0.001, ``1e-1`` 0.001. So use
+``eta`` in 1e-4 .. 1e-3; from 1e-2 up, two server steps wipe out the detector.
 """
 
 from __future__ import annotations
