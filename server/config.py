@@ -94,7 +94,8 @@ class RunConfig(ClientKnobs):
         A round with fewer successful replies than this fraction of the sampled clients fails the run.
     reply_guard : bool
         Reject malformed train replies before aggregation (NaN/Inf, wrong shape, dtype or keys,
-        a bad example count, a duplicate); each rejection counts as a failure of its round.
+        a bad example count); each rejection counts as a failure of its round. A second reply of
+        one partition is rejected whatever this says.
     round_timeout : float
         Seconds to wait for the replies of a round.
     discovery_timeout : float

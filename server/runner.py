@@ -78,7 +78,7 @@ class FederatedRun:
     cfg : RunConfig
         The run config.
     strategy : FederatedStrategy, optional
-        Default: ``get_strategy(cfg.strategy)``.
+        Default: ``get_strategy(cfg.strategy, cfg.strategy_options)``.
     console : rich.console.Console, optional
         Where tables and step lines go (stdout is streamed by Flower's log uploader).
     """

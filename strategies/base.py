@@ -7,10 +7,11 @@ strategy's name. Both halves are built from the same two run-config strings, ``s
 instructions. The hooks, in the order a round calls them:
 
 server, before the round
-    :meth:`~FederatedStrategy.broadcast_keys` (what the model broadcast holds),
+    :meth:`~FederatedStrategy.upload_keys` (what clients will upload), then
+    :meth:`~FederatedStrategy.configure_round` (the global state after the server epoch and the
+    round's upload keys: FedOpt's current arrays), then
     :meth:`~FederatedStrategy.server_arrays` (extra arrays beside the model, e.g. FRAug's
-    generator), :meth:`~FederatedStrategy.configure_round` (the global state after the server
-    epoch and the round's upload keys: FedOpt's current arrays).
+    generator) and :meth:`~FederatedStrategy.broadcast_keys` (what the model broadcast holds).
 client
     :meth:`~FederatedStrategy.client_load` (the broadcast, then the node's own saved state on
     top), :meth:`~FederatedStrategy.client_loss` (a :class:`LossHook` that sees the batch, the

@@ -79,7 +79,7 @@ class MultiKrumStrategy(KrumStrategy):
     Parameters
     ----------
     num_malicious_nodes : int (default: 1)
-        ``f``; a round needs ``2f + 3`` replies.
+        ``f``; a round needs ``max(2f + 3, m)`` replies.
     num_nodes_to_select : int (default: 3)
         ``m``, the uploads averaged.
     """
@@ -98,6 +98,10 @@ class MultiKrumStrategy(KrumStrategy):
 
     def min_replies(self) -> int:
         return max(2 * self.num_malicious_nodes + 3, self.num_nodes_to_select)
+
+    def min_replies_rule(self) -> str:
+        return (f"max(2f+3, m) with num-malicious-nodes f={self.num_malicious_nodes}, "
+                f"num-nodes-to-select m={self.num_nodes_to_select}")
 
 
 class BulyanStrategy(KrumStrategy):

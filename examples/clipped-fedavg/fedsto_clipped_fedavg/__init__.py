@@ -81,7 +81,9 @@ class ClippedFedAvg(FedAvgStrategy):
     def aggregate(self, server_round, replies):
         # FedAvg (Flower's, via the base class) for everything; then the parameters are redone.
         averaged, metrics = super().aggregate(server_round, replies)
-        if averaged is None or self.round is None or self.round.server_round != server_round:
+        if averaged is None:
+            return None, metrics
+        if self.round is None or self.round.server_round != server_round:
             raise RuntimeError(f"{self.name}: configure_round was not called for round {server_round}")
         keys = [k for k in averaged if k in self.round.parameter_keys]
         current = {k: self.round.global_state[k].detach().cpu() for k in keys}
