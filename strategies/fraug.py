@@ -11,13 +11,17 @@ client-specific embeddings the classifier also learns from. This detection adapt
 * the real embeddings and their classes are the assigner's positive anchors
   (:mod:`detection.loss_hooks`): reliable pseudo boxes on clients, ground truth on the server;
 * losses use the head's per-class sigmoid BCE against one-hot targets;
-* per step, as in the paper: the model trains on its detection loss plus
-  ``lambda-aug`` x the classifier's loss on RTNet(G(z, y)); then one generator step (the frozen
-  classifier must recognise G(z, y) as y); then one RTNet step (class-wise MMD to the real
-  embeddings, plus the frozen classifier's loss).
+* per step, as in the paper's code (see :mod:`strategies.fraug_modules`): the model trains on
+  its detection loss plus ``lambda-aug`` x the classifier's loss on RTNet(G(z, y), e, y), the
+  RTNet's residual added to the positive anchors' own embeddings ``e`` and to the node's running
+  class-mean embeddings; then one generator step (the frozen classifier must recognise G(z, y)
+  as y, minus the MMD to the real embeddings: G is pushed away from this node's embeddings);
+  then one RTNet step (MMD to the real embeddings minus the entropy of the frozen classifier's
+  scores on the transformed ones).
 
 What travels: the generator's weights, beside the model (averaged by FedAvg, example-weighted);
-the RTNet and both Adam states stay on the node's disk and never travel. The server runs the
+the RTNet, both Adam states, the noise stream and the class-mean embeddings stay on the node's
+disk and never travel. The server runs the
 same steps on its labelled images in every server epoch (its own RTNet, kept in the checkpoint).
 
 Per FedSTO phase: in phase 1 the head is frozen, so the augmentation term trains nothing of the
@@ -85,7 +89,7 @@ class FRAugLoss(LossHook):
         self._real = (embeddings[fg].detach(), assignment.labels[fg])
         if self._real[1].numel() == 0:
             return None, {}
-        term = self.steps.extra_loss(classifier_of(context.model), self._real[1])
+        term = self.steps.extra_loss(classifier_of(context.model), self._real[1], self._real[0])
         return term, {"fraug_aug": float(term.detach())}
 
     def after_step(self, context: LossContext):

@@ -1,37 +1,57 @@
 """The model-agnostic core of FRAug: a shared embedding generator, a local RTNet and their losses.
 
 FRAug (Chen et al., ICCV 2023, "FRAug: Tackling Federated Learning with Non-IID Features via
-Representation Augmentation") augments each client's training in *embedding* space. This module
-implements the following reading of it, which assumes only that the client's model splits into a
+Representation Augmentation", arXiv 2205.14900) augments each client's training in *embedding*
+space. This module follows the authors' reference implementation (github.com/HaokunChen245/FRAug,
+``users/user_FRAug.py``, ``networks.py``) and assumes only that the client's model splits into a
 feature extractor ``f`` and a classifier ``h`` acting on embeddings of size ``D`` (here given as a
 callable ``classify``: embeddings ``(n, D)`` -> logits ``(n, C)``):
 
-* a **shared embedding generator** ``G(z, y)`` (:class:`EmbeddingGenerator`): Gaussian noise ``z``
-  and a one-hot class ``y`` -> an embedding of size ``D``. Its weights travel with the model and
-  are averaged by the server like the model's;
-* a **local representation transformation network** ``R_k`` (:class:`RTNet`): an embedding and a
-  class -> an embedding, residual (``e + r(e, y)``, the identity at initialisation). It adapts the
-  client-agnostic embeddings of ``G`` to client ``k``'s own feature distribution and never leaves
-  the client.
+* a **shared embedding generator** ``G(z, y)`` (:class:`EmbeddingGenerator`): noise ``z`` and a
+  one-hot class ``y`` -> an embedding of size ``D``. Its weights travel with the model and are
+  averaged by the server like the model's;
+* a **local representation transformation network** ``R_k`` (:class:`RTNet`), which never leaves
+  the client: ``R_k(G(z, y), e, y) = e + r(G(z, y), y)``, a residual computed from the generated
+  embedding and *added to a real embedding* ``e`` of class ``y`` of client ``k`` (the paired
+  sample of the batch, or the client's running class-mean embedding). The client-agnostic
+  embedding thus becomes a client-specific perturbation of the client's own embeddings.
+
+The synthetic embeddings come in two sets, averaged (the reference code's ``use_homo_label_aug=2``,
+its setting on all three benchmarks): (a) one per real sample, with its label, on that sample's
+embedding; (b) as many with classes drawn uniformly from the classes the client has seen, on the
+client's class-mean embeddings (an EMA of the batches' class means, momentum 0.3).
 
 Per local step, in this order (:class:`FRAugSteps` runs steps 2 and 3 and supplies step 1's term):
 
-1. **model step**: ``task loss on the real batch + lambda_aug * L_cls(h(R_k(G(z, y))), y)``, with
-   ``G`` and ``R_k`` evaluated without gradient and ``y`` drawn from the classes present in the
-   real batch (:func:`augmentation_loss`): the classifier sees extra, client-styled embeddings;
-2. **generator step**: ``G`` is trained so that the frozen ``h`` classifies ``G(z, y)`` as ``y``
-   (:func:`generator_loss`): the shared generator learns class-discriminative embeddings;
-3. **RTNet step**: ``R_k`` is trained so that ``R_k(G(z, y))`` matches the batch's real embeddings
-   class by class (a multi-bandwidth Gaussian-kernel MMD per class present, averaged over those
-   classes) while the frozen ``h`` still classifies it as ``y`` (:func:`rtnet_loss`).
+1. **model step**: ``task loss on the real batch + lambda_aug * L_cls(h(R_k(G(z, y), e, y)), y)``,
+   with ``G``, ``R_k`` and ``e`` without gradient (:func:`augmentation_loss`): only the classifier
+   ``h`` learns from the synthetic embeddings, the feature extractor from the real batch only;
+2. **generator step**: ``L_cls(h(G(z, y)), y) - lambda_G * MMD(G(z, y), f(x))`` over classes drawn
+   uniformly from all classes, with ``h`` frozen (:func:`generator_loss`): ``G`` learns
+   class-discriminative embeddings while being pushed *away* from this client's real embeddings,
+   so that what the server averages is client-agnostic;
+3. **RTNet step**: ``lambda_R * MMD(R_k(.), e) - H(h(R_k(.)))`` with ``h`` and ``G`` frozen
+   (:func:`rtnet_loss`): the transformed embeddings stay close to the client's real ones (MMD over
+   the batch) while the classifier's prediction on them is made as uncertain as possible
+   (maximal entropy ``H``): hard, client-styled samples near the decision boundary.
 
 ``L_cls`` is selectable (:func:`classification_loss`): softmax cross-entropy for classifiers, or
 per-class sigmoid BCE against one-hot targets for detection heads that score classes
-independently (YOLO's). Steps 2 and 3 take gradients with :func:`torch.autograd.grad` with
-respect to ``G``'s or ``R_k``'s parameters only, so nothing lands on the classifier's or the
-feature extractor's ``.grad`` and the model's optimiser is never involved; the classifier itself
-is only *called* (if it holds BatchNorm layers in train mode their running statistics would move,
-so pass a classifier without them, or in eval mode).
+independently (YOLO's); ``H`` follows it (:func:`prediction_entropy`). Steps 2 and 3 take
+gradients with :func:`torch.autograd.grad` with respect to ``G``'s or ``R_k``'s parameters only,
+so nothing lands on the classifier's or the feature extractor's ``.grad`` and the model's
+optimiser is never involved; the classifier itself is only *called* (if it holds BatchNorm layers
+in train mode their running statistics would move, so pass a classifier without them, or in eval
+mode).
+
+Kept from the earlier reading and differing from the reference code (choices, not the method):
+Adam (lr 1e-3) for ``G`` and ``R`` instead of SGD (lr 0.025-0.05, momentum 0.5); ``G`` is a
+three-layer MLP with Gaussian noise and a linear output (reference: two layers with BatchNorm
+and ReLU, uniform noise); ``r``'s last layer starts at zero (reference: random, with BatchNorm);
+class-mean synthetic labels are drawn from the classes seen so far rather than from all classes
+(the reference's class means start at zero); the augmentation weight is ``lambda_aug`` on top of
+the task loss (reference: ``(1 - a) * task + a * aug`` with ``a = min(0.5, exp(g (t - T)))``,
+0.5 throughout on Digits, i.e. ``lambda_aug = 1`` at half the learning rate).
 
 This module is pure torch (it must not import Flower): the strategy that ships ``G`` to and from
 the server lives elsewhere.
@@ -50,6 +70,7 @@ __all__ = [
     "RTNet",
     "mmd",
     "classification_loss",
+    "prediction_entropy",
     "augmentation_loss",
     "generator_loss",
     "rtnet_loss",
@@ -117,11 +138,12 @@ class EmbeddingGenerator(nn.Module):
 
 
 class RTNet(nn.Module):
-    """A client's representation transformation network ``R(e, y) = e + r(e, y)``.
+    """A client's representation transformation network ``R(g, y, base) = base + r(g, y)``.
 
-    The last layer of ``r`` starts at zero, so ``R`` starts as the identity: at the first round
-    the augmentation is exactly the shared generator's embeddings, and the client moves them
-    towards its own style only as fast as its MMD term asks.
+    ``g`` is a generated embedding and ``base`` a real embedding of class ``y`` (the paper's
+    residual form: the residual computed from ``g`` perturbs the client's own embedding); without
+    ``base``, ``base = g``. The last layer of ``r`` starts at zero, so ``R`` starts as the
+    identity on ``base``.
 
     Parameters
     ----------
@@ -142,22 +164,26 @@ class RTNet(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``emb + r(emb, labels)``.
+    def forward(self, emb: torch.Tensor, labels: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """``base + r(emb, labels)`` (``base = emb`` when None).
 
         Parameters
         ----------
         emb : torch.Tensor
-            Embeddings, shape ``(n, embed_dim)``.
+            Generated embeddings, shape ``(n, embed_dim)``.
         labels : torch.LongTensor
             Their classes, shape ``(n,)``.
+        base : torch.Tensor, optional
+            Real embeddings of the same classes, shape ``(n, embed_dim)``, that the residual is
+            added to.
 
         Returns
         -------
         torch.Tensor
             Shape ``(n, embed_dim)``.
         """
-        return emb + self.net(torch.cat([emb, _one_hot(labels, self.num_classes, emb.dtype)], dim=1))
+        residual = self.net(torch.cat([emb, _one_hot(labels, self.num_classes, emb.dtype)], dim=1))
+        return (emb if base is None else base.to(emb.dtype)) + residual
 
 
 def mmd(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
@@ -223,9 +249,34 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, multilabel: 
     return F.cross_entropy(logits, labels)
 
 
+def prediction_entropy(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """Mean entropy of the classifier's predictions, the quantity the RTNet maximises.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        Shape ``(n, C)``.
+    multilabel : bool
+        False: entropy of the softmax distribution. True: the Bernoulli entropies of the
+        per-class sigmoids, summed over classes (as :func:`classification_loss` sums its BCE).
+
+    Returns
+    -------
+    torch.Tensor
+        A scalar, averaged over samples; zero (attached to ``logits``' graph) when ``n == 0``.
+    """
+    if logits.shape[0] == 0:
+        return _zero_like_graph(logits)
+    if multilabel:
+        p, logp, log1mp = torch.sigmoid(logits), F.logsigmoid(logits), F.logsigmoid(-logits)
+        return -(p * logp + (1 - p) * log1mp).sum(1).mean()
+    return -(F.softmax(logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
 def augmentation_loss(classify: Classify, generator: EmbeddingGenerator, rtnet: RTNet | None, labels: torch.Tensor,
-                      multilabel: bool, noise: torch.Generator | None = None) -> torch.Tensor:
-    """Step 1's extra term: the classifier's loss on ``R(G(z, y))``, gradient to the classifier only.
+                      multilabel: bool, noise: torch.Generator | None = None,
+                      base: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 1's extra term: the classifier's loss on ``R(G(z, y), base, y)``, gradient to the classifier only.
 
     Parameters
     ----------
@@ -241,22 +292,31 @@ def augmentation_loss(classify: Classify, generator: EmbeddingGenerator, rtnet: 
         See :func:`classification_loss`.
     noise : torch.Generator, optional
         Source of the generator's noise.
+    base : torch.Tensor, optional
+        Real embeddings ``(n, D)`` of classes ``labels`` that the RTNet's residual is added to
+        (detached here); None: the residual goes on ``G``'s output.
 
     Returns
     -------
     torch.Tensor
         A scalar (unweighted: the caller multiplies by ``lambda_aug``).
     """
-    with torch.no_grad():  # G and R are fixed in the model step: only the classifier learns here
+    with torch.no_grad():  # G, R and the real embeddings are fixed here: only the classifier learns
         emb = generator(labels, noise)
         if rtnet is not None:
-            emb = rtnet(emb, labels)
+            emb = rtnet(emb, labels, None if base is None else base.detach())
     return classification_loss(classify(emb), labels, multilabel)
 
 
 def generator_loss(classify: Classify, generator: EmbeddingGenerator, labels: torch.Tensor, multilabel: bool,
-                   noise: torch.Generator | None = None) -> torch.Tensor:
-    """Step 2: the classifier's loss on ``G(z, y)``, to be minimised over ``G``'s parameters.
+                   noise: torch.Generator | None = None, real_embeddings: torch.Tensor | None = None,
+                   mmd_weight: float = 1.0) -> torch.Tensor:
+    """Step 2: ``L_cls(h(G(z, y)), y) - mmd_weight * MMD(G(z, y), real)``, minimised over ``G``.
+
+    The MMD is *subtracted* (the reference code: "maximize the distance between real and fake"):
+    the shared generator must produce embeddings the classifier recognises without imitating any
+    one client's embeddings. The MMD is between the two whole samples (the classes of ``labels``
+    need not be those of the real batch).
 
     The gradient must flow *through* the classifier into ``G``, so the classifier cannot run
     under ``torch.no_grad``; differentiate the result with respect to ``G``'s parameters only
@@ -275,37 +335,44 @@ def generator_loss(classify: Classify, generator: EmbeddingGenerator, labels: to
         See :func:`classification_loss`.
     noise : torch.Generator, optional
         Source of the generator's noise.
+    real_embeddings : torch.Tensor, optional
+        The client's real embeddings ``(m, D)`` (detached here); None: no MMD term.
+    mmd_weight : float, optional
+        ``lambda_G`` (default 1, the reference's value on Digits).
 
     Returns
     -------
     torch.Tensor
         A scalar.
     """
-    return classification_loss(classify(generator(labels, noise)), labels, multilabel)
+    fake = generator(labels, noise)
+    loss = classification_loss(classify(fake), labels, multilabel)
+    if real_embeddings is not None and mmd_weight:
+        loss = loss - mmd_weight * mmd(fake, real_embeddings.detach().to(fake.dtype))
+    return loss
 
 
-def _rtnet_terms(classify: Classify, generator: EmbeddingGenerator, rtnet: RTNet, real_embeddings: torch.Tensor,
-                 real_labels: torch.Tensor, multilabel: bool, noise: torch.Generator | None):
-    # (class-averaged MMD, classification loss), both on R(G(z, y)) with one synthetic embedding
-    # per real one and the same labels, so every class present has a sample on both sides.
-    real = real_embeddings.detach()  # the feature extractor is not trained by R's objective
-    labels = real_labels.to(real.device).long()
-    with torch.no_grad():  # G is fixed in R's step; R learns to restyle whatever G produces
-        fake = generator(labels, noise)
-    fake = rtnet(fake, labels)
-    real = real.to(fake.dtype)
-    classes = labels.unique()
-    if classes.numel() == 0:
-        zero = _zero_like_graph(fake)
+def _rtnet_terms(classify: Classify, generator: EmbeddingGenerator, rtnet: RTNet, base: torch.Tensor,
+                 labels: torch.Tensor, multilabel: bool, noise: torch.Generator | None):
+    # (MMD(R(G(z, y), base, y), base), entropy of h on it), one synthetic embedding per base row.
+    base = base.detach()  # the feature extractor is not trained by R's objective
+    labels = labels.to(base.device).long()
+    if labels.numel() == 0:
+        zero = _zero_like_graph(base)
         return zero, zero
-    match = torch.stack([mmd(fake[labels == c], real[labels == c]) for c in classes]).mean()
-    return match, classification_loss(classify(fake), labels, multilabel)
+    with torch.no_grad():  # G is fixed in R's step; R learns the residual it adds to real embeddings
+        fake = generator(labels, noise)
+    out = rtnet(fake, labels, base)
+    return mmd(out, base.to(out.dtype)), prediction_entropy(classify(out), multilabel)
 
 
 def rtnet_loss(classify: Classify, generator: EmbeddingGenerator, rtnet: RTNet, real_embeddings: torch.Tensor,
                real_labels: torch.Tensor, multilabel: bool, mmd_weight: float = 1.0,
                noise: torch.Generator | None = None) -> torch.Tensor:
-    """Step 3: ``mmd_weight * class-conditional MMD(R(G(z, y)), real) + L_cls(h(R(G(z, y))), y)``.
+    """Step 3: ``mmd_weight * MMD(R, real) - H(h(R))`` with ``R = R(G(z, y), real, y)``, minimised over ``R``.
+
+    One synthetic embedding per real one, with its label, its residual added to it; the MMD is
+    over the batch and ``H`` is :func:`prediction_entropy` (maximised: hard samples).
 
     Parameters
     ----------
@@ -322,18 +389,17 @@ def rtnet_loss(classify: Classify, generator: EmbeddingGenerator, rtnet: RTNet, 
     multilabel : bool
         See :func:`classification_loss`.
     mmd_weight : float, optional
-        Weight of the MMD term (default 1).
+        ``lambda_R``, weight of the MMD term (default 1, the reference's value on PACS).
     noise : torch.Generator, optional
         Source of the generator's noise.
 
     Returns
     -------
     torch.Tensor
-        A scalar; zero when the batch is empty. The MMD is computed per class present in the
-        batch and averaged over those classes, so a frequent class does not drown a rare one.
+        A scalar; zero when the batch is empty.
     """
-    match, cls = _rtnet_terms(classify, generator, rtnet, real_embeddings, real_labels, multilabel, noise)
-    return mmd_weight * match + cls
+    match, entropy = _rtnet_terms(classify, generator, rtnet, real_embeddings, real_labels, multilabel, noise)
+    return mmd_weight * match - entropy
 
 
 def _param_device(module: nn.Module) -> torch.device:
@@ -341,14 +407,14 @@ def _param_device(module: nn.Module) -> torch.device:
 
 
 class FRAugSteps:
-    """One client's FRAug machinery: its generator copy, its RTNet and their optimisers.
+    """One client's FRAug machinery: its generator copy, its RTNet, their optimisers, its class means.
 
     Typical use in a local training loop::
 
         steps = FRAugSteps(generator, rtnet, lr=1e-3, lambda_aug=1.0)
         for x, y in batches:
             emb = features(x)
-            loss = task_loss(head(emb), y) + steps.extra_loss(head, y)          # step 1
+            loss = task_loss(head(emb), y) + steps.extra_loss(head, y, emb)     # step 1
             model_opt.zero_grad(); loss.backward(); model_opt.step()
             steps.after_step(head, emb, y)                                      # steps 2 and 3
 
@@ -369,31 +435,48 @@ class FRAugSteps:
         Sigmoid BCE (True) or softmax cross-entropy (False, default); see
         :func:`classification_loss`.
     mmd_weight : float, optional
-        Weight of the MMD term in step 3 (default 1).
+        ``lambda_R``, weight of the MMD term in step 3 (default 1).
     seed : int, optional
         Seed of the noise and label-sampling generator (on the generator's device).
     num_samples : int, optional
-        Synthetic embeddings per step 1 and step 2; the real batch's size when None.
+        Class-mean synthetic embeddings per step 1 and step 3, and generator samples per step 2;
+        the real batch's size when None.
+    generator_mmd_weight : float, optional
+        ``lambda_G``, weight of the (subtracted) MMD term in step 2 (default 1).
+    class_mean_momentum : float, optional
+        EMA momentum of the class-mean embeddings (default 0.3, the reference's).
     """
 
     def __init__(self, generator: EmbeddingGenerator, rtnet: RTNet, *, lr: float = 1e-3, lambda_aug: float = 1.0,
-                 multilabel: bool = False, mmd_weight: float = 1.0, seed: int = 0, num_samples: int | None = None):
+                 multilabel: bool = False, mmd_weight: float = 1.0, seed: int = 0, num_samples: int | None = None,
+                 generator_mmd_weight: float = 1.0, class_mean_momentum: float = 0.3):
         if generator.embed_dim != rtnet.embed_dim or generator.num_classes != rtnet.num_classes:
             raise ValueError("generator and rtnet disagree on embed_dim or num_classes")
+        if not 0.0 < class_mean_momentum <= 1.0:
+            raise ValueError("class_mean_momentum must be in (0, 1]")
         self.generator, self.rtnet = generator, rtnet
         self.lambda_aug, self.multilabel = lambda_aug, multilabel
         self.mmd_weight, self.num_samples = mmd_weight, num_samples
+        self.generator_mmd_weight, self.class_mean_momentum = generator_mmd_weight, class_mean_momentum
         self.generator_optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
         self.rtnet_optimizer = torch.optim.Adam(rtnet.parameters(), lr=lr)
         # One private stream for noise and sampled labels: reproducible, and independent of
         # torch's global generator, which the model's data pipeline consumes.
         self.noise = torch.Generator(device=_param_device(generator))
         self.noise.manual_seed(seed)
+        dtype = next(generator.parameters()).dtype
+        self.class_means = torch.zeros(generator.num_classes, generator.embed_dim, dtype=dtype, device=self.device)
+        self.class_seen = torch.zeros(generator.num_classes, dtype=torch.bool, device=self.device)
 
     @property
     def device(self) -> torch.device:
         """Device of the generator (and of the noise stream)."""
         return _param_device(self.generator)
+
+    def _draw(self, classes: torch.Tensor, n: int) -> torch.Tensor:
+        if classes.numel() == 0 or n == 0:
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        return classes[torch.randint(classes.numel(), (n,), generator=self.noise, device=self.device)]
 
     def sample_labels(self, labels: torch.Tensor, n: int | None = None) -> torch.Tensor:
         """``n`` labels drawn uniformly from the classes present in ``labels`` (default ``n = len(labels)``).
@@ -410,33 +493,71 @@ class FRAugSteps:
         torch.LongTensor
             Shape ``(n,)``, on :attr:`device`; empty when ``labels`` is.
         """
-        classes = labels.to(self.device).long().unique()
         n = (self.num_samples or labels.numel()) if n is None else n
-        if classes.numel() == 0 or n == 0:
-            return torch.zeros(0, dtype=torch.long, device=self.device)
-        # Uniform over present classes rather than the batch's frequencies: the synthetic
-        # embeddings then rebalance the classifier towards the rarer classes of the batch.
-        return classes[torch.randint(classes.numel(), (n,), generator=self.noise, device=self.device)]
+        return self._draw(labels.to(self.device).long().unique(), n)
 
-    def extra_loss(self, classify: Classify, labels: torch.Tensor) -> torch.Tensor:
-        """Step 1's term ``lambda_aug * L_cls(h(R(G(z, y))), y)``, to add to the task loss.
+    def _sample_seen(self, n: int) -> torch.Tensor:
+        return self._draw(self.class_seen.nonzero().flatten(), n)
+
+    @torch.no_grad()
+    def update_class_means(self, real_embeddings: torch.Tensor, real_labels: torch.Tensor) -> None:
+        """EMA update of the client's class-mean embeddings with this batch's class means.
+
+        Parameters
+        ----------
+        real_embeddings : torch.Tensor
+            Shape ``(n, D)``.
+        real_labels : torch.LongTensor
+            Shape ``(n,)``.
+        """
+        labels = real_labels.to(self.device).long()
+        if labels.numel() == 0:
+            return
+        emb = real_embeddings.detach().to(self.device, self.class_means.dtype)
+        one_hot = _one_hot(labels, self.generator.num_classes, emb.dtype)
+        counts = one_hot.sum(0)
+        present = counts > 0
+        batch_means = (one_hot.T @ emb)[present] / counts[present, None]
+        # A class seen for the first time takes its batch mean; afterwards the EMA.
+        momentum = torch.where(self.class_seen[present], self.class_mean_momentum, 1.0)[:, None]
+        self.class_means[present] = (1 - momentum) * self.class_means[present] + momentum * batch_means
+        self.class_seen |= present
+
+    def extra_loss(self, classify: Classify, labels: torch.Tensor,
+                   real_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Step 1's term ``lambda_aug * L_cls(h(R(G(z, y), e, y)), y)``, to add to the task loss.
 
         Parameters
         ----------
         classify : callable
             The model's classifier (gradients flow into it).
         labels : torch.LongTensor
-            The real batch's labels (the synthetic ones are drawn from its classes).
+            The real batch's labels.
+        real_embeddings : torch.Tensor, optional
+            The batch's real embeddings (detached here). Given: the mean of the term on the
+            batch's own embeddings (one synthetic embedding per real one, same label) and on the
+            class-mean embeddings (classes drawn from those seen so far), as in the paper's
+            code. None: the residual goes on ``G``'s output, with classes drawn from ``labels``.
 
         Returns
         -------
         torch.Tensor
             A scalar; a plain zero (no graph) when the batch has no labels or ``lambda_aug == 0``.
         """
-        y = self.sample_labels(labels)
-        if y.numel() == 0 or self.lambda_aug == 0:
+        if labels.numel() == 0 or self.lambda_aug == 0:
             return torch.zeros((), device=labels.device)
-        return self.lambda_aug * augmentation_loss(classify, self.generator, self.rtnet, y, self.multilabel, self.noise)
+        if real_embeddings is None:
+            y = self.sample_labels(labels)
+            return self.lambda_aug * augmentation_loss(classify, self.generator, self.rtnet, y, self.multilabel,
+                                                       self.noise)
+        y = labels.to(self.device).long()
+        term = augmentation_loss(classify, self.generator, self.rtnet, y, self.multilabel, self.noise,
+                                 base=real_embeddings.to(self.device))
+        y_mean = self._sample_seen(self.num_samples or labels.numel())
+        if y_mean.numel():
+            term = 0.5 * (term + augmentation_loss(classify, self.generator, self.rtnet, y_mean, self.multilabel,
+                                                   self.noise, base=self.class_means[y_mean]))
+        return self.lambda_aug * term
 
     @staticmethod
     def _step(loss: torch.Tensor, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -453,7 +574,7 @@ class FRAugSteps:
 
     def after_step(self, classify: Classify, real_embeddings: torch.Tensor,
                    real_labels: torch.Tensor) -> dict[str, float]:
-        """Steps 2 and 3: one Adam step of the generator, then one of the RTNet.
+        """Class means update, then steps 2 and 3: one Adam step of the generator, then one of the RTNet.
 
         Parameters
         ----------
@@ -467,25 +588,35 @@ class FRAugSteps:
         Returns
         -------
         dict of str to float
-            ``generator_loss``, ``rtnet_loss``, ``rtnet_mmd`` and ``rtnet_cls``; empty when the
-            batch holds no labelled embedding (both steps are skipped).
+            ``generator_loss``, ``rtnet_loss``, ``rtnet_mmd`` and ``rtnet_cls`` (the negated
+            entropy the RTNet minimises); empty when the batch holds no labelled embedding (both
+            steps are skipped).
         """
         if real_labels.numel() == 0 or real_embeddings.shape[0] == 0:
             return {}
         self.generator.train()
         self.rtnet.train()
-        y = self.sample_labels(real_labels)
-        g_loss = generator_loss(classify, self.generator, y, self.multilabel, self.noise)
+        real = real_embeddings.detach().to(self.device)
+        labels = real_labels.to(self.device).long()
+        self.update_class_means(real, labels)
+        n = self.num_samples or labels.numel()
+        all_classes = torch.arange(self.generator.num_classes, device=self.device)
+        g_loss = generator_loss(classify, self.generator, self._draw(all_classes, n), self.multilabel, self.noise,
+                                real_embeddings=real, mmd_weight=self.generator_mmd_weight)
         self._step(g_loss, self.generator, self.generator_optimizer)
-        match, cls = _rtnet_terms(classify, self.generator, self.rtnet, real_embeddings, real_labels.to(self.device),
-                                  self.multilabel, self.noise)
-        r_loss = self.mmd_weight * match + cls
+        match, entropy = _rtnet_terms(classify, self.generator, self.rtnet, real, labels, self.multilabel, self.noise)
+        y_mean = self._sample_seen(n)
+        means = self.class_means[y_mean]
+        match_m, entropy_m = _rtnet_terms(classify, self.generator, self.rtnet, means, y_mean, self.multilabel,
+                                          self.noise)
+        match, entropy = 0.5 * (match + match_m), 0.5 * (entropy + entropy_m)
+        r_loss = self.mmd_weight * match - entropy
         self._step(r_loss, self.rtnet, self.rtnet_optimizer)
         return {"generator_loss": float(g_loss.detach()), "rtnet_loss": float(r_loss.detach()),
-                "rtnet_mmd": float(match.detach()), "rtnet_cls": float(cls.detach())}
+                "rtnet_mmd": float(match.detach()), "rtnet_cls": float(-entropy.detach())}
 
     def state_dict(self) -> dict:
-        """The client-local state: RTNet weights, both optimisers and the noise stream.
+        """The client-local state: RTNet weights, both optimisers, the noise stream, the class means.
 
         The generator's weights are not included: they are shared, and whoever averages them
         (the strategy) stores them.
@@ -493,13 +624,15 @@ class FRAugSteps:
         Returns
         -------
         dict
-            Keys ``rtnet``, ``rtnet_optimizer``, ``generator_optimizer``, ``noise``.
+            Keys ``rtnet``, ``rtnet_optimizer``, ``generator_optimizer``, ``noise``,
+            ``class_means``, ``class_seen``.
         """
         return {"rtnet": self.rtnet.state_dict(), "rtnet_optimizer": self.rtnet_optimizer.state_dict(),
-                "generator_optimizer": self.generator_optimizer.state_dict(), "noise": self.noise.get_state()}
+                "generator_optimizer": self.generator_optimizer.state_dict(), "noise": self.noise.get_state(),
+                "class_means": self.class_means.detach().cpu().clone(), "class_seen": self.class_seen.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned (the noise stream only if present).
+        """Restore what :meth:`state_dict` returned (the noise stream and class means only if present).
 
         Parameters
         ----------
@@ -511,3 +644,6 @@ class FRAugSteps:
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         if "noise" in state:
             self.noise.set_state(state["noise"])
+        if "class_means" in state:
+            self.class_means = state["class_means"].to(self.device, self.class_means.dtype).clone()
+            self.class_seen = state["class_seen"].to(self.device, torch.bool).clone()
