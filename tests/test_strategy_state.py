@@ -5,9 +5,10 @@ phase-1 round and one phase-2 round):
 
 * FedBN: a client starts round 2 with exactly the BatchNorm it saved at the end of round 1 (not
   the broadcast's), and round 1, its first, with the broadcast's; no reply holds a BatchNorm
-  tensor; the non-BatchNorm weights after aggregation, before the server epoch, are the
-  example-weighted mean of the replies; after a crash and a resume on new node ids, a client
-  still starts round 2 with the BatchNorm it had saved.
+  tensor and the server keeps its own; the non-BatchNorm weights after aggregation, before the
+  server epoch, are the example-weighted mean of the replies (weights made unequal); after a
+  crash and a resume on new node ids, a client still starts round 2 with the BatchNorm it had
+  saved.
 * FedAdam: a crash at round 2 and a resume end with the metrics and weights of an uninterrupted
   run, because the moments are in the checkpoint; with ``load_state_dict`` disabled they do not.
 """
@@ -32,11 +33,16 @@ COMMON = {"eval-personal": False}
 
 
 class RecordingGrid(InProcessGrid):
-    """Keeps every train message sent and every train reply received."""
+    """Keeps every train message sent and every train reply received.
 
-    def __init__(self, *args, crash_at_round: int | None = None, **kwargs) -> None:
+    ``weight_scale`` multiplies a partition's reported ``num-examples`` (both clients hold 25
+    images, so without it a plain mean and the example-weighted mean would be the same).
+    """
+
+    def __init__(self, *args, crash_at_round: int | None = None, weight_scale: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.crash_at_round = crash_at_round
+        self.weight_scale = weight_scale or {}
         self.replies = []
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -46,7 +52,11 @@ class RecordingGrid(InProcessGrid):
             raise Crash()  # stands in for SIGKILL: nothing in the loop handles it
         replies = super().send_and_receive(messages, timeout=timeout)
         if train:
-            self.replies.append([r for r in replies if not r.has_error()])
+            ok = [r for r in replies if not r.has_error()]
+            for r in ok:
+                metrics = r.content["metrics"]
+                metrics["num-examples"] = metrics["num-examples"] * self.weight_scale.get(int(metrics["partition-id"]), 1.0)
+            self.replies.append(ok)
         return replies
 
 
@@ -87,11 +97,11 @@ def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(weather_federa
 
     def spy_merge(self, global_state, aggregate):
         merged = real_merge(self, global_state, aggregate)
-        merges.append((dict(aggregate), merged))  # merged is the state before the server epoch
+        merges.append((dict(global_state), dict(aggregate), merged))  # merged is the state before the server epoch
         return merged
 
     monkeypatch.setattr(FedBNStrategy, "merge", spy_merge)
-    grid = RecordingGrid(client.app.app, 2)
+    grid = RecordingGrid(client.app.app, 2, weight_scale={1: 3.0})
     run = FederatedRun(grid, run_config(weather_federation, tmp_path / "run", weights=warm_weights, strategy="fedbn", **COMMON))
     result = run.run()
     assert result["status"] == "completed" and result["failures"] == 0
@@ -101,7 +111,9 @@ def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(weather_federa
     for pid in (0, 1):
         start_1, end_1 = client_bn[(pid, 1)]
         start_2, _ = client_bn[(pid, 2)]
-        assert equal(start_1, broadcast_bn(grid, 1, keys))  # first time sampled: the global BatchNorm
+        # first time sampled: the global BatchNorm (client_load alone: test_strategies.py::
+        # test_fedbn_keeps_every_batchnorm_local_and_a_first_time_client_starts_from_the_broadcast)
+        assert equal(start_1, broadcast_bn(grid, 1, keys))
         assert equal(start_2, end_1)  # round 2 starts from its own round-1 BatchNorm ...
         saved = NodeStateStore.for_node({}, run.run_dir.run_key, pid).load(before_round=2)["model"]
         assert equal(start_2, saved)  # ... which is what it saved on its disk
@@ -109,10 +121,12 @@ def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(weather_federa
     assert not equal(client_bn[(0, 2)][0], client_bn[(1, 2)][0])  # each client its own
 
     assert len(merges) == len(grid.replies) == 2
-    for (aggregate, merged), replies in zip(merges, grid.replies):
+    for (global_state, aggregate, merged), replies in zip(merges, grid.replies):
         uploads = [r.content["arrays"].to_torch_state_dict() for r in replies]
         weights = [float(r.content["metrics"]["num-examples"]) for r in replies]
+        assert weights[0] != weights[1]
         assert all(not set(keys) & set(u) for u in uploads)  # the server never receives a BatchNorm tensor
+        assert equal({k: merged[k] for k in keys}, {k: global_state[k] for k in keys})  # and keeps its own
         assert set(aggregate) == set(uploads[0])
         for k in aggregate:
             mean = sum(w * u[k].double() for u, w in zip(uploads, weights)) / sum(weights)
