@@ -36,11 +36,11 @@ NUM_CLIENTS = 7
 # (strategy, strategy-options, method): every strategy under fedsto, the adaptive ones under ssfl too,
 # and FedAdam's eta sweep.
 ADAPTIVE = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
-RUNS = [*((s, "", "fedsto") for s in ("fedavg", "fedbn", "fedprox", *ADAPTIVE, "fedmedian", "fedtrimmedavg", "krum",
-                                     "multikrum", "bulyan", "fraug")),
+OPTIONS = {"fedprox": "proximal-mu=0.01"}
+RUNS = [*((s, OPTIONS.get(s, ""), "fedsto") for s in ("fedavg", "fedbn", "fedprox", *ADAPTIVE, "fedmedian",
+                                                      "fedtrimmedavg", "krum", "multikrum", "bulyan", "fraug")),
         *((s, "", "ssfl") for s in ("fedavg", *ADAPTIVE)),
         *(("fedadam", f"eta={eta}", "fedsto") for eta in ("0.0001", "0.01", "0.1"))]
-RUNS = [(s, "proximal-mu=0.01" if s == "fedprox" else o, m) for s, o, m in RUNS]
 
 
 def run_name(strategy: str, options: str, method: str) -> str:

@@ -30,7 +30,8 @@ def cmd_strategies(args) -> int:
             broken += 1
             table.add_row(name, source, f"[red]cannot be loaded:[/red] {error}", "")
         else:
-            table.add_row(name, source, cls.description or (cls.__doc__ or "").strip().splitlines()[0], option_lines(cls))
+            summary = cls.description or next(iter((cls.__doc__ or "").strip().splitlines()), "")
+            table.add_row(name, source, summary, option_lines(cls))
     console.print(table)
     console.print(f"Plug-ins: entry points in the group '{ENTRY_POINT_GROUP}' of installed packages (see docs/strategies.md); "
                   "any 'package.module:Class' works too.")

@@ -25,9 +25,10 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+from flwr.serverapp.strategy import FedAvg
 
-from strategies.base import RoundContext, StrategyError, StrategyOption, sort_replies_by_partition
-from strategies.fedavg import FedAvgStrategy
+from strategies.base import NO_SAMPLING, StrategyError, StrategyOption
+from strategies.server_optimiser import ServerOptimiserStrategy
 
 
 def clip_by_norm(delta: Mapping[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
@@ -49,8 +50,12 @@ def clipped_mean_step(current: Mapping[str, torch.Tensor], uploads: Sequence[Map
     return {k: (current[k].double() + server_lr * step[k]).to(current[k].dtype) for k in current}
 
 
-class ClippedFedAvg(FedAvgStrategy):
+class ClippedFedAvg(ServerOptimiserStrategy):
     """FedAvg of norm-clipped updates with a server learning rate (see the module docstring).
+
+    Built on :class:`strategies.server_optimiser.ServerOptimiserStrategy`, the base of the
+    server optimisers: it keeps the round's global weights (``configure_round``), sorts the
+    replies, hands :meth:`step` the float parameters only and averages the rest with FedAvg.
 
     Parameters
     ----------
@@ -70,27 +75,16 @@ class ClippedFedAvg(FedAvgStrategy):
             raise StrategyError(f"clipped-fedavg clip-norm={clip_norm}: expected a number > 0")
         if not server_lr > 0:
             raise StrategyError(f"clipped-fedavg server-lr={server_lr}: expected a number > 0")
-        super().__init__()
+        super().__init__(FedAvg(**NO_SAMPLING))
         self.clip_norm, self.server_lr = clip_norm, server_lr
-        self.round: RoundContext | None = None
 
-    def configure_round(self, context: RoundContext) -> None:
-        # The global weights the clients start from: the reference point of their updates.
-        self.round = context
-
-    def aggregate(self, server_round, replies):
-        # FedAvg (Flower's, via the base class) for everything; then the parameters are redone.
-        averaged, metrics = super().aggregate(server_round, replies)
-        if averaged is None:
-            return None, metrics
-        if self.round is None or self.round.server_round != server_round:
-            raise RuntimeError(f"{self.name}: configure_round was not called for round {server_round}")
-        keys = [k for k in averaged if k in self.round.parameter_keys]
-        current = {k: self.round.global_state[k].detach().cpu() for k in keys}
+    def step(self, server_round, replies, current):
+        # replies: sorted by partition id, reduced to the parameter keys and the weight
         uploads, weights = [], []
-        for reply in sort_replies_by_partition(replies):  # float sums in a fixed order
+        for reply in replies:
             arrays = next(iter(reply.content.array_records.values()))
-            uploads.append({k: torch.from_numpy(arrays[k].numpy()) for k in keys})
+            uploads.append({k: torch.from_numpy(arrays[k].numpy()) for k in current})
             weights.append(float(next(iter(reply.content.metric_records.values()))[self.weight_key]))
-        averaged.update(clipped_mean_step(current, uploads, weights, self.clip_norm, self.server_lr))
-        return averaged, metrics
+        new = clipped_mean_step({k: torch.from_numpy(v) for k, v in current.items()}, uploads, weights,
+                                self.clip_norm, self.server_lr)
+        return {k: v.numpy() for k, v in new.items()}
