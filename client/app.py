@@ -11,9 +11,12 @@ Handlers (message type -> what the client does):
   local-EMA-teacher pseudo labels (plus the strategy's loss hook), save the local state,
   optionally evaluate the personalised model on the own domain, reply with the upload keys only.
 
-The partition comes from ``context.node_config["partition-id"]`` (simulation sets it; a deployed
-SuperNode gets ``--node-config 'partition-id=N'``, optionally ``federation="/path"`` to read a
-local copy of the manifest).
+Where the data is (``client.task.node_partition``): in simulation the node config has only
+``partition-id`` and the data is the manifest the server names; a deployed SuperNode gets
+``--node-config 'site="/data/site"'``, its own exported site folder (``fedsto data export-site``),
+and reads nothing else. A deployed site has no labels: its replies carry counts, losses and
+weights, plus mAP on its own labelled hold-out if its site manifest declares one (the list of
+what leaves a site is in ``docs/deployment.md``).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.node_state import NodeStateStore
-from client.task import (ClientData, build_client_model, evaluate_personal, finite_metrics, node_partition,
-                         resolve_device, set_threads, teacher_check, train_round)
+from client.task import (build_client_model, evaluate_on_site, finite_metrics, load_site, node_partition, resolve_device,
+                         set_threads, teacher_check, train_round)
 from detection.model import get_state
+from detection.sites import ClientSite
 from strategies import FederatedStrategy, get_strategy, protocol
 from strategies.base import split_extra, with_extra
 from strategies.protocol import RoundInstructions
@@ -40,22 +44,22 @@ app = ClientApp()
 DEFAULT_REPLY_METRICS = ("steps_skipped", "images_skipped", "pseudo_images", "pseudo_reliable", "pseudo_uncertain")
 
 
-def _client_data(msg: Message, context: Context) -> ClientData:
-    pid, override = node_partition(context.node_config)
+def _client_site(msg: Message, context: Context) -> ClientSite:
+    pid, local = node_partition(context.node_config)
     config = msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
-    manifest = override or config.get("federation")
-    if not manifest:
-        raise ValueError("no federation manifest: the server sent none and the node config has no 'federation'")
-    return ClientData.load(manifest, pid)
+    path = local or config.get("federation")
+    if not path:
+        raise ValueError("no data: the node config has no 'site' and the server sent no federation manifest")
+    return load_site(path, pid)
 
 
-def load_broadcast(msg: Message, context: Context, ins: RoundInstructions, data: ClientData
+def load_broadcast(msg: Message, context: Context, ins: RoundInstructions, site: ClientSite
                    ) -> tuple[FederatedStrategy, object, NodeStateStore]:
     """The round's strategy and model: the broadcast with this node's saved local state on top."""
     strategy = get_strategy(ins.strategy, ins.strategy_options)
-    model = build_client_model(ins, data)
+    model = build_client_model(ins, site)
     broadcast, extra = split_extra(msg.content[protocol.ARRAYS].to_torch_state_dict())
-    store = NodeStateStore.for_node(context.node_config, ins.run_key, data.partition_id)
+    store = NodeStateStore.for_node(context.node_config, ins.run_key, site.partition_id)
     strategy.client_load(model, broadcast, extra, store.load(before_round=ins.server_round))
     return strategy, model, store
 
@@ -75,10 +79,16 @@ def examples_used(stats) -> int:
 
 @app.query("partition")
 def query_partition(msg: Message, context: Context) -> Message:
-    """Who am I: partition id, domain, number of images (no labels, no images leave the node)."""
-    data = _client_data(msg, context)
-    info = ConfigRecord({protocol.PARTITION_ID: data.partition_id, protocol.DOMAIN: data.domain, "images": len(data.images),
-                         "federation": str(data.federation.path)})
+    """Who am I: partition id, domain, image count, federation id and versions (no path, label or image).
+
+    The server names the model yaml; the reply hashes it as this site's Ultralytics reads it.
+    """
+    site = _client_site(msg, context)
+    model = str(msg.content.config_records.get(protocol.CONFIG, ConfigRecord()).get("model", ""))
+    info = ConfigRecord({protocol.PARTITION_ID: site.partition_id, protocol.DOMAIN: site.domain, "images": len(site.images),
+                         "holdout": len(site.eval_records) if site.deployed else 0,
+                         protocol.FEDERATION_ID: site.federation_id,
+                         **protocol.site_versions(model)})
     return Message(RecordDict({protocol.INFO: info}), reply_to=msg)
 
 
@@ -86,14 +96,14 @@ def query_partition(msg: Message, context: Context) -> Message:
 def evaluate_teacher(msg: Message, context: Context) -> Message:
     """Warm-up quality check: pseudo boxes per image of the broadcast model on this client's images."""
     ins = RoundInstructions.from_config(msg.content[protocol.CONFIG])
-    data = _client_data(msg, context)
+    site = _client_site(msg, context)
     set_threads(ins.client_threads)
     device = resolve_device()
-    _, model, _ = load_broadcast(msg, context, ins, data)
-    result = teacher_check(model, data, ins, device)
-    result[protocol.PARTITION_ID] = float(data.partition_id)
-    result[protocol.NUM_EXAMPLES] = float(len(data.images))
-    info = ConfigRecord({protocol.DOMAIN: data.domain})
+    _, model, _ = load_broadcast(msg, context, ins, site)
+    result = teacher_check(model, site, ins, device)
+    result[protocol.PARTITION_ID] = float(site.partition_id)
+    result[protocol.NUM_EXAMPLES] = float(len(site.images))
+    info = ConfigRecord({protocol.DOMAIN: site.domain})
     return Message(RecordDict({protocol.METRICS: MetricRecord(finite_metrics(result)), protocol.INFO: info}), reply_to=msg)
 
 
@@ -102,22 +112,24 @@ def train(msg: Message, context: Context) -> Message:
     """One local round (see the module docstring)."""
     start = time.perf_counter()
     ins = RoundInstructions.from_config(msg.content[protocol.CONFIG])
-    data = _client_data(msg, context)
+    site = _client_site(msg, context)
     threads = set_threads(ins.client_threads)
     device = resolve_device()
-    strategy, model, store = load_broadcast(msg, context, ins, data)
-    stats = train_round(model, data, ins, strategy.client_loss(model, ins), device)
-    store.save(ins.server_round, strategy.client_state(model))
+    strategy, model, store = load_broadcast(msg, context, ins, site)
     metrics = {k: 0.0 for k in DEFAULT_REPLY_METRICS}
+    if ins.evaluate_personal and site.deployed:  # federated evaluation: the broadcast on the site's own hold-out
+        metrics.update(evaluate_on_site(model, site, ins.imgsz, "site", device))
+    stats = train_round(model, site, ins, strategy.client_loss(model, ins), device)
+    store.save(ins.server_round, strategy.client_state(model))
     metrics.update(stats.as_metrics())
     if ins.evaluate_personal:
-        metrics.update(evaluate_personal(model, data, ins.imgsz, device))
-    metrics.update({protocol.NUM_EXAMPLES: float(examples_used(stats)), "local_images": float(len(data.images)),
-                    protocol.PARTITION_ID: float(data.partition_id),
+        metrics.update(evaluate_on_site(model, site, ins.imgsz, "personal", device))
+    metrics.update({protocol.NUM_EXAMPLES: float(examples_used(stats)), "local_images": float(len(site.images)),
+                    protocol.PARTITION_ID: float(site.partition_id),
                     "threads": float(threads), "client_seconds": time.perf_counter() - start})
     upload = ArrayRecord(with_extra(get_state(model, strategy.upload_keys(model, ins.upload)), strategy.client_arrays()))
-    info = ConfigRecord({protocol.DOMAIN: data.domain, "phase": ins.phase})
-    log.info("partition %d round %d (%s): %d steps, %.1fs", data.partition_id, ins.server_round, ins.phase, stats.steps,
+    info = ConfigRecord({protocol.DOMAIN: site.domain, "phase": ins.phase})
+    log.info("partition %d round %d (%s): %d steps, %.1fs", site.partition_id, ins.server_round, ins.phase, stats.steps,
              metrics["client_seconds"])
     return Message(RecordDict({protocol.ARRAYS: upload, protocol.METRICS: MetricRecord(finite_metrics(metrics)),
                                protocol.INFO: info}), reply_to=msg)

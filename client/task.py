@@ -1,33 +1,31 @@
-"""A client's work, without Flower: its data, one local round, the teacher check, personal evaluation.
+"""A client's work, without Flower: its data, one local round, the teacher check, its own evaluation.
 
 The ClientApp (``client.app``) only unpacks messages and calls these, so every piece here is
 testable in-process. Nothing about training survives between rounds but what a strategy saves on
 the node's disk (``client.node_state``): the model comes from the broadcast, the optimiser and the
 EMA teacher are made fresh inside :func:`train_round`, and the RNG comes from (seed, round,
-partition). What *is* cached per process is read-only: the parsed
-manifest and the letterboxed images, which never change during a run.
+partition). What *is* cached per process is read-only: the parsed site
+(:class:`detection.sites.ClientSite`) and the letterboxed images, which never change during a run.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from detection.images import LetterboxCache
 from detection.loss_hooks import LossHook
-from detection.manifest_reader import Federation
 from detection.metrics import NmsConfig, evaluate_records, predict_records
 from detection.model import build_model
 from detection.orthogonality import OrthogonalityRegulariser
 from detection.pseudo_labels import count_pseudo_boxes, pseudo_box_quality, split_pseudo_labels
 from detection.records import ImageRecord
 from detection.seeds import derive_seed
+from detection.sites import ClientSite, load_client_site
 from detection.semi import SemiConfig, train_unlabelled
 from detection.train import TrainConfig, TrainStats
 from strategies.protocol import RoundInstructions
@@ -37,29 +35,49 @@ ORTHO_STREAM = 0x0C1E
 
 
 class NodeConfigError(ValueError):
-    """A node config without a usable ``partition-id``."""
+    """A node config without a usable ``partition-id`` or ``site``."""
 
 
-def node_partition(node_config: Mapping) -> tuple[int, str | None]:
-    """Partition id and optional manifest override of this node.
+def node_partition(node_config: Mapping) -> tuple[int | None, str | None]:
+    """Partition id and data location of this node, from its node config.
 
-    Simulation gives exactly ``{"partition-id", "num-partitions"}``; a deployed SuperNode gets
-    ``--node-config 'partition-id=0 federation="/data/federation.json"'``.
+    Simulation gives exactly ``{"partition-id", "num-partitions"}`` (the data is the manifest
+    the server names). A deployed SuperNode gets ``--node-config 'site="/data/site"'`` (its
+    exported site folder, which says its partition; ``partition-id`` may be given too and must
+    match), or ``federation="/path/federation.json" partition-id=N`` for a local copy of the
+    full manifest.
+
+    Returns
+    -------
+    (int or None, str or None)
+        The partition id (None: the site manifest says it) and the node's own data path (None:
+        use the manifest the server sends).
     """
+    location = node_config.get("site") or node_config.get("federation")
     if "partition-id" not in node_config:
-        raise NodeConfigError(f"node config {dict(node_config)} has no 'partition-id' "
-                              "(start the SuperNode with --node-config 'partition-id=N')")
+        if node_config.get("site"):
+            return None, str(location)
+        raise NodeConfigError(f"node config {dict(node_config)} has neither 'partition-id' nor 'site' "
+                              "(start the SuperNode with --node-config 'site=\"/data/site\"' or 'partition-id=N')")
     pid = node_config["partition-id"]
     if isinstance(pid, bool) or not isinstance(pid, int) and not (isinstance(pid, str) and pid.isdigit()):
         raise NodeConfigError(f"node config partition-id={pid!r}: expected a non-negative integer")
-    override = node_config.get("federation")
-    return int(pid), (str(override) if override else None)
+    return int(pid), (str(location) if location else None)
 
 
-@lru_cache(maxsize=4)
-def load_federation(path: str) -> Federation:
-    """The manifest, parsed once per process (files are checked on the first load)."""
-    return Federation.load(path)
+@lru_cache(maxsize=16)
+def _load_site(path: str, partition_id: int | None) -> ClientSite:
+    return load_client_site(path, partition_id)
+
+
+def load_site(path: str | os.PathLike, partition_id: int | None) -> ClientSite:
+    """This client's data, parsed and checked once per process (only its own files are checked).
+
+    ``path`` is a client site manifest or its folder (deployment) or the full manifest
+    (simulation); both give the same :class:`~detection.sites.ClientSite`, the latter with the
+    hidden labels used for diagnostics.
+    """
+    return _load_site(os.path.abspath(path), partition_id)
 
 
 @lru_cache(maxsize=16)
@@ -68,27 +86,8 @@ def image_cache(manifest: str, pid: int, imgsz: int) -> LetterboxCache:
     return LetterboxCache(imgsz)
 
 
-@dataclass
-class ClientData:
-    """What one client holds: unlabelled images, hidden labels (diagnostics only), its domain's test split."""
-
-    federation: Federation
-    partition_id: int
-    images: list[str]
-    hidden: list[ImageRecord]
-    domain: str
-
-    @classmethod
-    def load(cls, manifest: str | os.PathLike, partition_id: int) -> "ClientData":
-        fed = load_federation(str(Path(manifest).resolve()))
-        return cls(fed, partition_id, fed.client_images(partition_id), fed.client_hidden_records(partition_id),
-                   fed.client_domain(partition_id))
-
-    def test_records(self) -> list[ImageRecord]:
-        return self.federation.test_records(self.domain)[self.domain]
-
-    def cache(self, imgsz: int) -> LetterboxCache:
-        return image_cache(str(self.federation.path), self.partition_id, imgsz)
+def site_cache(site: ClientSite, imgsz: int) -> LetterboxCache:
+    return image_cache(str(site.path), site.partition_id, imgsz)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -102,10 +101,9 @@ def set_threads(threads: int) -> int:
     return n
 
 
-def build_client_model(ins: RoundInstructions, data: ClientData) -> torch.nn.Module:
+def build_client_model(ins: RoundInstructions, site: ClientSite) -> torch.nn.Module:
     """An empty model of the run's architecture (weights come from the broadcast)."""
-    names = data.federation.class_names
-    return build_model(ins.model, len(names), names)
+    return build_model(ins.model, len(site.class_names), site.class_names)
 
 
 def semi_config(ins: RoundInstructions, device: str) -> SemiConfig:
@@ -118,7 +116,7 @@ def semi_config(ins: RoundInstructions, device: str) -> SemiConfig:
                       min_reliable_boxes=ins.min_reliable_boxes)
 
 
-def train_round(model: torch.nn.Module, data: ClientData, ins: RoundInstructions,
+def train_round(model: torch.nn.Module, site: ClientSite, ins: RoundInstructions,
                 loss_hook: LossHook | None = None, device: str = "cpu") -> TrainStats:
     """One local round: pseudo-label training of ``ins.trainable`` with a fresh local EMA teacher.
 
@@ -128,41 +126,53 @@ def train_round(model: torch.nn.Module, data: ClientData, ins: RoundInstructions
     ortho = None
     if ins.ortho_lambda > 0:
         ortho = OrthogonalityRegulariser(model, form=ins.ortho_form, coefficient=ins.ortho_lambda,
-                                         seed=derive_seed(ins.seed, ins.server_round, data.partition_id, ORTHO_STREAM))
-    return train_unlabelled(model, data.images, semi_config(ins, device), regulariser=ortho, loss_hook=loss_hook,
-                            hidden_records=data.hidden, seed_parts=(ins.server_round, data.partition_id),
-                            cache=data.cache(ins.imgsz))
+                                         seed=derive_seed(ins.seed, ins.server_round, site.partition_id, ORTHO_STREAM))
+    return train_unlabelled(model, site.images, semi_config(ins, device), regulariser=ortho, loss_hook=loss_hook,
+                            hidden_records=site.hidden, seed_parts=(ins.server_round, site.partition_id),
+                            cache=site_cache(site, ins.imgsz))
 
 
-def evaluate_personal(model: torch.nn.Module, data: ClientData, imgsz: int, device: str = "cpu") -> dict[str, float]:
-    """mAP of the locally trained model on this client's own domain test split."""
-    result = evaluate_records(model, data.test_records(), imgsz, device=device)
-    return {"personal_map50": result["map50"], "personal_map50_95": result["map50_95"]}
+def evaluate_on_site(model: torch.nn.Module, site: ClientSite, imgsz: int, prefix: str, device: str = "cpu") -> dict[str, float]:
+    """mAP of ``model`` on the site's evaluation set (``<prefix>_map50``, ``<prefix>_map50_95``).
+
+    The set is the site's own labelled hold-out in deployment, its domain's test split in
+    simulation; empty: no metrics.
+    """
+    if not site.eval_records:
+        return {}
+    result = evaluate_records(model, site.eval_records, imgsz, device=device)
+    return {f"{prefix}_map50": result["map50"], f"{prefix}_map50_95": result["map50_95"]}
 
 
-def teacher_check(model: torch.nn.Module, data: ClientData, ins: RoundInstructions, device: str = "cpu",
+def teacher_check(model: torch.nn.Module, site: ClientSite, ins: RoundInstructions, device: str = "cpu",
                   max_images: int = 0) -> dict[str, float]:
     """How many pseudo boxes the (warm-up) model would give on this client's images.
 
     Runs the model as the round-1 teacher would (weak view = the plain image, NMS at
-    ``nms_conf``/``nms_iou``, split at ``tau_low``/``tau_high``). Hidden labels are used only to
-    report the true box density, precision and recall next to the counts.
+    ``nms_conf``/``nms_iou``, split at ``tau_low``/``tau_high``). In simulation the hidden labels
+    add the true box density, precision and recall next to the counts; a deployed site has no
+    labels and reports counts only.
     """
-    records = data.hidden[:max_images] if max_images else data.hidden
+    images = site.images[:max_images] if max_images else site.images
+    cache = site_cache(site, ins.imgsz)
+    records = site.hidden[:len(images)] if site.hidden is not None else [ImageRecord.from_labels(p, [], site.domain) for p in images]
     preds = predict_records(model, records, ins.imgsz, nms=NmsConfig(conf=ins.nms_conf, iou=ins.nms_iou),
-                            cache=data.cache(ins.imgsz), device=device)
+                            cache=cache, device=device)
     sums: dict[str, float] = {}
     for record, det in zip(records, preds):
         split = split_pseudo_labels(det, ins.imgsz, ins.tau_low, ins.tau_high)
-        counts = count_pseudo_boxes(split, record.classes, data.cache(ins.imgsz).boxes(record.path, record.boxes))
+        counts = count_pseudo_boxes(split, record.classes, cache.boxes(record.path, record.boxes))
         for key, value in counts.items():
             sums[key] = sums.get(key, 0.0) + value
-    quality = pseudo_box_quality(sums) if records else {}
     n = max(1, len(records))
-    return {"images": float(len(records)), "reliable_per_image": sums.get("pseudo_reliable", 0.0) / n,
-            "uncertain_per_image": sums.get("pseudo_uncertain", 0.0) / n, "true_per_image": sums.get("true_boxes", 0.0) / n,
-            "reliable_precision": quality.get("pseudo_reliable_precision", 0.0),
-            "reliable_recall": quality.get("pseudo_reliable_recall", 0.0)}
+    out = {"images": float(len(records)), "reliable_per_image": sums.get("pseudo_reliable", 0.0) / n,
+           "uncertain_per_image": sums.get("pseudo_uncertain", 0.0) / n}
+    if site.hidden is not None:
+        quality = pseudo_box_quality(sums) if records else {}
+        out.update({"true_per_image": sums.get("true_boxes", 0.0) / n,
+                    "reliable_precision": quality.get("pseudo_reliable_precision", 0.0),
+                    "reliable_recall": quality.get("pseudo_reliable_recall", 0.0)})
+    return out
 
 
 def finite_metrics(values: Mapping[str, float]) -> dict[str, float]:

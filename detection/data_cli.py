@@ -153,11 +153,24 @@ def cmd_federate(args: argparse.Namespace) -> int:
         weathers=args.weathers,
         progress=True,
         report=report,
+        site_holdout=args.site_holdout,
     )
     from detection.manifest_reader import Federation
 
     federation = Federation.load(path)
     console.print(f"wrote {path}: {_one_line_summary(federation)}")
+    console.print(f"site manifests beside it: site-server.json, site-client-0..{federation.num_clients - 1}.json "
+                  f"(fedsto data export-site {path.parent} SITE OUT copies one site's files)")
+    return 0
+
+
+@reports_bad_input
+def cmd_export_site(args: argparse.Namespace) -> int:
+    """Copy one site's files into a folder of its own (``fedsto data export-site FEDERATION SITE OUT``)."""
+    from detection.sites import describe_site, export_site
+
+    path = export_site(args.federation, args.site, args.out, progress=True)
+    _console().print(f"wrote {path}: {describe_site(path)}")
     return 0
 
 
@@ -343,7 +356,15 @@ def register_data_subcommands(subparsers) -> None:
         default=None,
         help="raise on bad class ids / categories / boxes instead of dropping them (default: the reader's)",
     )
+    fed.add_argument("--site-holdout", type=int, default=0, metavar="N",
+                     help="labelled hold-out images per client site (its own federated evaluation); default 0")
     fed.set_defaults(func=cmd_federate)
+
+    export = subparsers.add_parser("export-site", help="copy one site's manifest and files into a folder of its own")
+    export.add_argument("federation", metavar="FEDERATION", help="federation.json or its folder")
+    export.add_argument("site", metavar="SITE", help="server or client-<i>")
+    export.add_argument("out", metavar="OUT", help="new or empty folder (gets site.json and the site's images)")
+    export.set_defaults(func=cmd_export_site)
 
     inspect = subparsers.add_parser("inspect", help="table of who holds what; optional montage PNG")
     inspect.add_argument("target", metavar="FEDERATION_OR_DIR", help="federation.json, its folder, or a dataset")
@@ -356,7 +377,7 @@ def register_data_subcommands(subparsers) -> None:
 
 
 def add_data_commands(subparsers) -> argparse.ArgumentParser:
-    """Register the ``data`` command group (``synth``, ``federate``, ``inspect``).
+    """Register the ``data`` command group (``synth``, ``federate``, ``export-site``, ``inspect``).
 
     Parameters
     ----------
@@ -374,7 +395,7 @@ def add_data_commands(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry: ``python -m detection.data_cli {synth,federate,inspect} ...``."""
+    """Standalone entry: ``python -m detection.data_cli {synth,federate,export-site,inspect} ...``."""
     parser = argparse.ArgumentParser(prog="python -m detection.data_cli", description=__doc__.split("\n")[0])
     register_data_subcommands(parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)

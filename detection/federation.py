@@ -29,6 +29,7 @@ from detection.manifest import (
 )
 from detection.records import ImageRecord, SkipReport
 from detection.seeds import derive_seed
+from detection.sites import write_site_manifests
 from detection.splits import SERVER, TEST, UNUSED, FederationPlan, plan_federation, plan_weather_federation
 
 
@@ -107,6 +108,7 @@ def build_federation(
     weathers: Sequence[str] | None = None,
     progress: bool = True,
     report: SkipReport | None = None,
+    site_holdout: int = 0,
 ) -> Path:
     """Build a federation from labelled records and write ``out_dir/federation.json``.
 
@@ -138,11 +140,14 @@ def build_federation(
         Progress bar while writing weather images.
     report : SkipReport, optional
         The reader's report, stored in the manifest.
+    site_holdout : int
+        Labelled hold-out images per client site (see :func:`detection.sites.site_manifests`).
 
     Returns
     -------
     Path
-        The manifest file.
+        The manifest file; the site manifests (``site-server.json``, ``site-client-<i>.json``)
+        are written beside it first.
 
     Raises
     ------
@@ -195,11 +200,14 @@ def build_federation(
         "dirichlet_alpha": dirichlet_alpha,
         "test_fraction": test_fraction,
         "weathers": list(weathers) if kind == "weather" else None,
+        "site_holdout": int(site_holdout),
     }
     manifest = {key: manifest[key] for key in MANIFEST_KEYS}
     path = root / MANIFEST_NAME
     validate_manifest(manifest, path)  # what is written must load; fail here, not at the first run
-    return atomic_write_text(path, dump_manifest(manifest))
+    text = dump_manifest(manifest)
+    write_site_manifests(manifest, text, root, holdout=site_holdout)
+    return atomic_write_text(path, text)
 
 
 def _check_weathers(weathers: Sequence[str] | None) -> list[str]:

@@ -21,6 +21,19 @@ relative to that folder, any other one absolutely; never relative to the working
 
 Clients' true labels are kept as ``hidden_labels`` for evaluation and diagnostics only.
 
+Site manifests (:mod:`detection.sites`) hold what one site may see, with paths relative to their
+own folder like the main manifest::
+
+    {"format": "fedsto-site-server/1", "site": "server", "federation_id": "<16 hex>",
+     "class_names": [...], "domains": [...], "server_domain": "clear", "num_clients": 3,
+     "paths": "relative", "images": [{"file": ..., "labels": [...]}], "test": {"clear": [...], ...}}
+    {"format": "fedsto-site-client/1", "site": "client-0", "federation_id": "<16 hex>",
+     "partition_id": 0, "class_names": [...], "domains": [...], "paths": "relative",
+     "images": [{"file": ..., "domain": "rainy"}], "holdout": [{"file": ..., "labels": [...]}]}
+
+A client site holds no labels except its own optional ``holdout``; it knows nothing of the other
+sites. :func:`validate_site_manifest` checks them with the same rules and messages.
+
 Validation rejects anything else with a one-line :class:`FederationError` of the form
 ``<manifest>: <JSON path>: <what was expected>``, the JSON path written as in
 ``test.clear[0].labels[2]`` or ``clients[1].images``. Beyond types it checks that every
@@ -42,6 +55,17 @@ from typing import NoReturn
 
 FORMAT = "fedsto-federation/1"
 MANIFEST_NAME = "federation.json"
+SERVER_SITE_FORMAT = "fedsto-site-server/1"
+CLIENT_SITE_FORMAT = "fedsto-site-client/1"
+SITE_NAME = "site.json"
+"""File name of a site manifest inside an exported site folder (``fedsto data export-site``)."""
+SERVER_SITE_KEYS = (
+    "format", "site", "federation_id", "class_names", "domains", "server_domain", "num_clients", "paths",
+    "images", "test",
+)  # fmt: skip
+CLIENT_SITE_KEYS = (
+    "format", "site", "federation_id", "partition_id", "class_names", "domains", "paths", "images", "holdout",
+)  # fmt: skip
 SPLITS = ("non-iid", "iid", "dirichlet")
 """Values of the manifest's ``split`` key: how the client pool was dealt (see :mod:`detection.splits`)."""
 MANIFEST_KEYS = (
@@ -124,6 +148,26 @@ def validate_manifest(manifest, path: str | Path) -> None:
         ``<path>: <JSON path>: <what was expected>`` for the first problem found.
     """
     _Checker(str(path)).manifest(manifest)
+
+
+def validate_site_manifest(manifest, path: str | Path) -> str:
+    """Check a parsed site manifest; return its role, ``"server"`` or ``"client"``.
+
+    Raises
+    ------
+    FederationError
+        ``<path>: <JSON path>: <what was expected>`` for the first problem found (an empty
+        ``images`` list included: a site without images cannot take part).
+    """
+    checker = _Checker(str(path))
+    if not isinstance(manifest, dict):
+        checker.fail("", f"expected a JSON object, got {_show(manifest)}")
+    formats = {SERVER_SITE_FORMAT: "server", CLIENT_SITE_FORMAT: "client"}
+    if manifest.get("format") not in formats:
+        checker.fail("format", f"expected {SERVER_SITE_FORMAT!r} or {CLIENT_SITE_FORMAT!r}, got {_show(manifest.get('format'))}")
+    role = formats[manifest["format"]]
+    checker.site(manifest, role)
+    return role
 
 
 _SHOW = reprlib.Repr()
@@ -257,6 +301,33 @@ class _Checker:
             for k, example in enumerate(self.json_list(node["examples"], json_path(where, "examples"))):
                 self.string(example, json_path(json_path(where, "examples"), k))
 
+    def site(self, m: dict, role: str) -> None:
+        self.json_object(m, "", SERVER_SITE_KEYS if role == "server" else CLIENT_SITE_KEYS)
+        name = self.string(m["site"], "site")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+            self.fail("site", f"expected lower-case letters, digits and '-', got {_show(name)}")
+        if not re.fullmatch(r"[0-9a-f]{16}", str(m["federation_id"])):
+            self.fail("federation_id", f"expected 16 hex digits, got {_show(m['federation_id'])}")
+        self.class_names = self.names(m["class_names"], "class_names", "class name")
+        self.domains = self.names(m["domains"], "domains", "domain")
+        if m["paths"] != "relative":
+            self.fail("paths", f"expected 'relative', got {_show(m['paths'])}")
+        if role == "server":
+            if self.string(m["server_domain"], "server_domain") not in self.domains:
+                self.fail("server_domain", f"{m['server_domain']!r} is not one of domains {self.domains}")
+            self.count(m["num_clients"], "num_clients", 1)
+            self.entries(m["images"], "images", "labels", nonempty=True)
+            for domain, entries in self.json_object(m["test"], "test").items():
+                where = json_path("test", domain)
+                if domain not in self.domains:
+                    self.fail(where, f"{domain!r} is not one of domains {self.domains}")
+                self.entries(entries, where, "labels")
+            return
+        if type(m["partition_id"]) is not int or m["partition_id"] < 0:
+            self.fail("partition_id", f"expected an integer >= 0, got {_show(m['partition_id'])}")
+        self.entries(m["images"], "images", None, nonempty=True, client_domains=("domains", dict.fromkeys(self.domains)))
+        self.entries(m["holdout"], "holdout", "labels")
+
     def client(self, node, where: str, pid: int) -> None:
         node = self.json_object(node, where, ("partition_id", "domains", "images"))
         pid_at, domains_at, images_at = (json_path(where, key) for key in ("partition_id", "domains", "images"))
@@ -276,8 +347,9 @@ class _Checker:
             if held[domain] != n:
                 self.fail(json_path(domains_at, domain), f"{n} images, but {images_at} holds {held[domain]} {domain!r} images")
 
-    def entries(self, value, where: str, label_key: str, nonempty: bool = False, client_domains=None) -> None:
-        keys = ("file", "domain", label_key) if client_domains is not None else ("file", label_key)
+    def entries(self, value, where: str, label_key: str | None, nonempty: bool = False, client_domains=None) -> None:
+        keys = ("file", "domain") if client_domains is not None else ("file",)
+        keys += (label_key,) if label_key else ()
         for k, entry in enumerate(self.json_list(value, where, nonempty="image" if nonempty else None)):
             at = json_path(where, k)
             entry = self.json_object(entry, at, keys)
@@ -289,9 +361,10 @@ class _Checker:
                 domains_at, counts = client_domains
                 if self.domain(entry["domain"], json_path(at, "domain")) not in counts:
                     self.fail(json_path(at, "domain"), f"{entry['domain']!r} is not among {domains_at} {list(counts)}")
-            rows = json_path(at, label_key)
-            for j, row in enumerate(self.json_list(entry[label_key], rows)):
-                self.label(row, json_path(rows, j))
+            if label_key:
+                rows = json_path(at, label_key)
+                for j, row in enumerate(self.json_list(entry[label_key], rows)):
+                    self.label(row, json_path(rows, j))
 
     def label(self, row, where: str) -> None:
         if not isinstance(row, list) or len(row) != 5:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -30,6 +33,23 @@ LOSS_GAINS = {"box": 7.5, "cls": 0.5, "dfl": 1.5}
 
 class ModelError(ValueError):
     """A model yaml or checkpoint this project cannot use."""
+
+
+@functools.lru_cache(maxsize=8)
+def model_yaml_hash(model_yaml: str) -> str:
+    """Hash (12 hex) of the architecture as this installation's Ultralytics reads ``model_yaml``.
+
+    Two sites with the same hash build the same layers, so the broadcast arrays fit; the file's
+    location is left out (it differs between installations).
+    """
+    from ultralytics.nn.tasks import yaml_model_load
+
+    try:
+        spec = yaml_model_load(str(model_yaml))
+    except FileNotFoundError as exc:
+        raise ModelError(f"{model_yaml}: no such Ultralytics model yaml ({exc})") from exc
+    spec = {k: v for k, v in spec.items() if k != "yaml_file"}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def build_model(model_yaml: str = "yolo11n.yaml", num_classes: int = 80, class_names: Iterable[str] | None = None,

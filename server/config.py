@@ -54,7 +54,8 @@ class RunConfig(ClientKnobs):
         ``ssfl`` (all parameters every round, local EMA pseudo labels, no regulariser),
         ``fedsto-st`` (warm-up + phase 1), ``fedsto`` (warm-up + phase 1 + phase 2).
     federation : str
-        Federation manifest (``federation.json`` or its folder). Relative paths are relative to
+        Federation manifest (``federation.json`` or its folder; in deployment the server's site
+        folder from ``fedsto data export-site``, or its ``site.json``). Relative paths are relative to
         ``$FEDSTO_HOME`` (default ``~/.cache/fedsto``): the ServerApp's working directory is
         wherever the SuperLink was started, so the cwd is never used.
     synthetic_images : int
@@ -265,10 +266,17 @@ class RunConfig(ClientKnobs):
         return [w.strip() for w in self.synthetic_weathers.split(",") if w.strip()]
 
     def federation_path(self) -> Path:
-        """Absolute manifest path (relative ones under ``$FEDSTO_HOME``); accepts the folder too."""
+        """Absolute manifest path (relative ones under ``$FEDSTO_HOME``); accepts the folder too.
+
+        A folder holding ``site.json`` and no ``federation.json`` is an exported server site.
+        """
         path = Path(os.path.expanduser(self.federation))
         path = path if path.is_absolute() else fedsto_home() / path
-        return path / "federation.json" if path.suffix != ".json" else path
+        if path.suffix == ".json":
+            return path
+        if (path / "site.json").is_file() and not (path / "federation.json").is_file():
+            return path / "site.json"
+        return path / "federation.json"
 
     def run_dir(self) -> Path:
         """Absolute run directory: ``resume`` when given, else ``output_dir`` (relative: under ``$FEDSTO_HOME/runs``)."""

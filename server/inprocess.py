@@ -8,7 +8,7 @@ behaves as on a SuperNode. An exception in a handler becomes an error reply, as 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from flwr.app import Context, Error, Message, RecordDict
@@ -30,10 +30,14 @@ class InProcessGrid:
         Node ids are random like Flower's (but reproducible here).
     fail : callable, optional
         ``fail(partition_id, message) -> bool``: make that node's handler raise (failure tests).
+    node_configs : sequence of mapping, optional
+        Node ``i``'s node config instead of the simulation's (a deployed site's, e.g.
+        ``{"site": "/data/site-0"}``); ``partition_of`` still returns ``i``.
     """
 
     def __init__(self, client_app, num_nodes: int, run_config: Mapping | None = None, seed: int = 0,
-                 fail: Callable[[int, Message], bool] | None = None) -> None:
+                 fail: Callable[[int, Message], bool] | None = None,
+                 node_configs: Sequence[Mapping] | None = None) -> None:
         rng = random.Random(seed)
         TaskIdentity.run_id = 1
         TaskIdentity.node_id = 0
@@ -41,17 +45,20 @@ class InProcessGrid:
         self.app = client_app
         self.fail = fail
         self.contexts: dict[int, Context] = {}
+        self.partitions: dict[int, int] = {}
         for pid in range(num_nodes):
             nid = rng.randrange(1, 2**62)
-            self.contexts[nid] = Context(run_id=1, node_id=nid, node_config={"partition-id": pid, "num-partitions": num_nodes},
-                                         state=RecordDict(), run_config=dict(run_config or {}))
+            config = dict(node_configs[pid]) if node_configs is not None else {"partition-id": pid, "num-partitions": num_nodes}
+            self.contexts[nid] = Context(run_id=1, node_id=nid, node_config=config, state=RecordDict(),
+                                         run_config=dict(run_config or {}))
+            self.partitions[nid] = pid
         self.sent: list[Message] = []
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
     def partition_of(self, node_id: int) -> int:
-        return int(self.contexts[node_id].node_config["partition-id"])
+        return self.partitions[node_id]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []

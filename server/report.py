@@ -17,6 +17,7 @@ import numpy as np
 from detection.atomic import atomic_write_text
 from detection.tables import domain_markdown, domain_table, print_table
 from server import rundir as rd
+from server.teacher_check import TEACHER_COLUMNS, teacher_row
 
 
 @dataclass
@@ -116,10 +117,9 @@ def run_markdown(run: RunSummary) -> str:
         lines += ["## Warm-up quality check (before round 1)", "",
                   f"server-domain mAP50 {s['server_domain_map50']:.3f}; server labels {s['server_boxes_per_image']:.2f} boxes/image"
                   + ("; **weak teacher warning**" if s.get("weak_teacher") else ""), "",
-                  "| client | domain | reliable/img | uncertain/img | true/img (hidden) | reliable precision |", "|---|---|---:|---:|---:|---:|"]
+                  "| " + " | ".join(TEACHER_COLUMNS) + " |", "|---|---|---:|---:|---:|---:|"]
         for pid, m in sorted(s["clients"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {pid} | {m['domain']} | {m['reliable_per_image']:.2f} | {m['uncertain_per_image']:.2f} | "
-                         f"{m['true_per_image']:.2f} | {m['reliable_precision']:.2f} |")
+            lines.append("| " + " | ".join(teacher_row(pid, m)) + " |")
         lines.append("")
     plots = sorted((run.path / "plots").glob("*.png")) if (run.path / "plots").exists() else []
     if plots:

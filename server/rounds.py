@@ -148,6 +148,15 @@ def personal_summary(per_client: Mapping[str, Mapping[str, float]], domains: Map
     return out
 
 
+def site_summary(per_client: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Federated evaluation: each deployed site's mAP50 of the broadcast and of its personalised model
+    on its own labelled hold-out (only sites that reported one), keyed ``client-<partition>``."""
+    return {f"client-{pid}": {"broadcast_map50": m["site_map50"], "broadcast_map50_95": m["site_map50_95"],
+                              "personal_map50": m.get("personal_map50", -1.0),
+                              "personal_map50_95": m.get("personal_map50_95", -1.0)}
+            for pid, m in sorted(per_client.items(), key=lambda kv: int(kv[0])) if "site_map50" in m}
+
+
 def mean_losses(per_client: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Example-weighted mean of each ``loss_*`` over clients."""
     weights = {pid: m.get(protocol.NUM_EXAMPLES, 0.0) for pid, m in per_client.items()}

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from detection.images import LetterboxCache
-from detection.manifest_reader import Federation
+from detection.sites import load_server_site
 from detection.metrics import evaluate_domains
 from detection.model import GROUPS, build_model, export_ultralytics, get_state, set_state
 from detection.orthogonality import OrthogonalityRegulariser
@@ -43,8 +43,8 @@ from server.config import RunConfig
 from server.plan import Plan, Step, build_plan
 from server.prepare import ensure_synthetic_federation
 from server.rounds import (classify_replies, mean_losses, personal_summary, pseudo_summary, reply_domain, reply_metrics,
-                           required_replies)
-from server.sampling import Discovery, discover_partitions, sample_partitions
+                           required_replies, site_summary)
+from server.sampling import Discovery, discover_partitions, query_partitions, sample_partitions
 from server.state import ServerState, checkpoint_payload, restore_checkpoint
 from server.teacher_check import TeacherThresholds, summarise_teacher_check
 from strategies import FederatedStrategy, StrategyError, get_strategy, protocol
@@ -117,7 +117,7 @@ class FederatedRun:
             weathers=cfg.weathers, server_fraction=cfg.synthetic_server_fraction,
             test_fraction=cfg.synthetic_test_fraction, seed=cfg.seed)
         self.manifest = manifest
-        self.fed = Federation.load(manifest)
+        self.site = load_server_site(manifest)
         self.plan: Plan = build_plan(cfg.method, cfg.warmup_epochs, cfg.phase1_rounds, cfg.phase2_rounds,
                                      cfg.server_epochs, cfg.eval_every)
         run_config = cfg.to_run_config()
@@ -132,7 +132,7 @@ class FederatedRun:
         if built:
             self.say(f"built synthetic federation {manifest}")
 
-        names = self.fed.class_names
+        names = self.site.class_names
         torch.manual_seed(cfg.seed)  # model init is part of what the seed fixes
         self.model = build_model(cfg.model, len(names), names, weights=cfg.weights or None)
         self.strategy.setup(self.model)
@@ -147,8 +147,8 @@ class FederatedRun:
             self.run_dir.truncate_metrics(0)
             self.say(f"resuming {self.run_dir.path}: no checkpoint yet, starting from the beginning")
 
-        self.labelled = self.fed.server_records() if self.plan.labels == "server" else self.fed.all_train_records()
-        self.tests = self.fed.test_records()
+        self.labelled = self.site.labelled if self.plan.labels == "server" else self.site.all_train_records()
+        self.tests = self.site.tests
         self.train_cache = LetterboxCache(cfg.imgsz)
         self.eval_caches: dict[str, LetterboxCache] = {}
         self.train_config = TrainConfig(imgsz=cfg.imgsz, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
@@ -163,8 +163,9 @@ class FederatedRun:
         import flwr
         import ultralytics
 
-        return {"run_config": run_config, "federation": str(self.manifest), "federation_sizes": self.fed.sizes(),
-                "domains": self.fed.domains, "server_domain": self.fed.server_domain,
+        return {"run_config": run_config, "federation": str(self.manifest), "federation_sizes": self.site.sizes(),
+                "federation_id": self.site.federation_id, "deployed": self.site.deployed,
+                "domains": self.site.domains, "server_domain": self.site.server_domain,
                 "plan": [list(r) for r in self.plan.describe()], "num_steps": len(self.plan.steps),
                 "versions": {"python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__,
                              "ultralytics": ultralytics.__version__},
@@ -178,14 +179,15 @@ class FederatedRun:
             self._prepare()
         except Exception as exc:
             if self.run_dir is not None:
-                self.run_dir.write_result("failed", reason=f"setup: {exc}", failures=self.state.failures)
+                self.run_dir.write_result("failed", reason=f"setup: {exc}", failures=self.state.failures,
+                                          site_failures=self.state.site_failures)
             raise
         try:
             return self._run_steps()
         except Exception as exc:
             self.run_dir.write_result("failed", reason=str(exc), failures=self.state.failures,
                                       failures_by_step=self.state.failures_by_step, rejections=self.state.rejections,
-                                      last_step=self.state.step)
+                                      site_failures=self.state.site_failures, last_step=self.state.step)
             self.run_dir.write_progress(self.state.step, len(self.plan.steps), "failed", status="failed")
             self.say(f"run failed: {exc}", style="bold red")
             raise
@@ -198,7 +200,7 @@ class FederatedRun:
         cfg, plan = self.cfg, self.plan
         remaining = plan.remaining(self.state.step)
         self.say(f"fedsto {cfg.method} ({self.strategy.describe()}) on {self.manifest}: {len(self.labelled)} labelled server images, "
-                 f"{self.fed.num_clients} clients, domains {', '.join(self.fed.domains)}; device {self.device}; "
+                 f"{self.site.num_clients} clients, domains {', '.join(self.site.domains)}; device {self.device}; "
                  f"run dir {self.run_dir.path}")
         for stage, n, what in plan.describe():
             self.say(f"  {stage:>7} x{n}: {what}")
@@ -214,17 +216,33 @@ class FederatedRun:
                 bar.update(task, completed=step.index, description=f"{cfg.method}: {step.label}")
         return self._finish()
 
+    def _query_config(self) -> dict:
+        return {"federation": str(self.manifest), "model": self.cfg.model}
+
+    def _handshake(self) -> dict:
+        """What every site must report in the partition query (federation id, versions)."""
+        return {protocol.FEDERATION_ID: self.site.federation_id, **protocol.site_versions(self.cfg.model)}
+
+    def _site_failures(self, failures: list[str], where: str) -> None:
+        """Warn about and record each site problem once (an unmapped node is asked again every round)."""
+        seen = {f["reason"] for f in self.state.site_failures}
+        failures = [f for f in dict.fromkeys(failures) if f not in seen]
+        for failure in failures:
+            self.warn(f"{where}: {failure}")
+        self.state.site_failures += [{"step": self.state.step, "where": where, "reason": f} for f in failures]
+
     def _discover(self) -> None:
-        cfg = self.cfg
-        found = discover_partitions(self.grid, self.fed.num_clients, cfg.discovery_timeout,
-                                    {"federation": str(self.manifest)})
-        for failure in found.failures:
-            self.warn(f"partition discovery: {failure}")
-        needed = required_replies(self.fed.num_clients, cfg.min_reply_fraction)
+        cfg, n = self.cfg, self.site.num_clients
+        found = discover_partitions(self.grid, n, cfg.discovery_timeout, self._query_config(),
+                                    handshake=self._handshake())
+        self._site_failures(found.failures, "partition discovery")
+        needed = required_replies(n, cfg.min_reply_fraction)
         if len(found.nodes) < needed:
-            raise RunFailed(f"only {len(found.nodes)} of {self.fed.num_clients} clients answered the partition query "
-                            f"(min-reply-fraction {cfg.min_reply_fraction} needs {needed}); in simulation start one SuperNode "
-                            f"per client: flwr run ... --federation-config 'num-supernodes={self.fed.num_clients}'")
+            raise RunFailed(f"only {len(found.nodes)} of {n} clients answered the partition query "
+                            f"(min-reply-fraction {cfg.min_reply_fraction} needs {needed}): "
+                            + "; ".join(found.failures[:4])
+                            + (f"; in simulation start one SuperNode per client: flwr run ... --federation-config "
+                               f"'num-supernodes={n}'" if not self.site.deployed else ""))
         self.discovery = found
         num_sampled = len(sample_partitions(found.partitions, cfg.fraction_train, cfg.seed, 1))
         try:
@@ -292,6 +310,9 @@ class FederatedRun:
             parts.append("mAP50 " + " ".join(f"{d} {m['map50']:.3f}" for d, m in row["eval"].items()))
         if "personal" in row and row["personal"]:
             parts.append("personal " + " ".join(f"{d} {m['map50']:.3f}" for d, m in row["personal"].items()))
+        if "sites" in row:
+            parts.append("site hold-outs " + " ".join(f"{s} {m['broadcast_map50']:.3f}->{m['personal_map50']:.3f}"
+                                                      for s, m in row["sites"].items()))
         return "; ".join(parts)
 
     def _checkpoint(self, step: Step, is_best: bool) -> None:
@@ -321,8 +342,22 @@ class FederatedRun:
                             message_type=message_type) for nid in sorted(sent, key=sent.get)]
         return messages, sent
 
+    def _refresh_nodes(self) -> None:
+        """Query nodes that connected since discovery (a restarted or late site) and remap their partitions."""
+        known = set(self.discovery.nodes.values())
+        new = [nid for nid in self.grid.get_node_ids() if nid not in known]
+        if not new:
+            return
+        failures_before = len(self.discovery.failures)
+        mapped = query_partitions(self.grid, new, self.discovery, self.site.num_clients, self.cfg.discovery_timeout,
+                                  self._query_config(), self._handshake())
+        self._site_failures(self.discovery.failures[failures_before:], "partition refresh")
+        if mapped:
+            self.say("partition map refreshed: " + ", ".join(f"{pid} -> node {self.discovery.nodes[pid]}" for pid in mapped))
+
     def _client_round(self, step: Step) -> dict:
         cfg = self.cfg
+        self._refresh_nodes()
         sampled = sample_partitions(self.discovery.partitions, cfg.fraction_train, cfg.seed, step.round)
         ins = self.instructions(step, evaluate_personal=step.evaluate and cfg.eval_personal)
         upload_keys = self.strategy.upload_keys(self.model, ins.upload)
@@ -366,6 +401,9 @@ class FederatedRun:
         row["pseudo"] = pseudo_summary(per_client)
         if ins.evaluate_personal:
             row["personal"] = personal_summary(per_client, domains)
+            sites = site_summary(per_client)
+            if sites:
+                row["sites"] = self.state.last_sites = sites
         return row
 
     # -- warm-up quality check -------------------------------------------------------------------
@@ -379,7 +417,7 @@ class FederatedRun:
         if self.state.last_eval is None:
             self.state.last_eval = round_metrics(evaluate_domains(self.model, self.tests, cfg.imgsz, device=self.device,
                                                                   caches=self.eval_caches))
-        server_map50 = self.state.last_eval[self.fed.server_domain]["map50"]
+        server_map50 = self.state.last_eval[self.site.server_domain]["map50"]
         server_density = float(np.mean([len(r.classes) for r in self.labelled])) if self.labelled else 0.0
         ins = self.instructions(step, evaluate_personal=False)
         messages, sent = self._messages(self.discovery.partitions, self._broadcast(), ins, protocol.EVALUATE_TEACHER)
@@ -389,7 +427,7 @@ class FederatedRun:
             m = reply_metrics(r)
             clients[str(int(m[protocol.PARTITION_ID]))] = {"domain": reply_domain(r), **m}
         thresholds = TeacherThresholds(cfg.weak_teacher_map50, cfg.weak_teacher_density, cfg.weak_teacher_precision)
-        summary, table, warnings = summarise_teacher_check(clients, self.fed.server_domain, server_map50, server_density,
+        summary, table, warnings = summarise_teacher_check(clients, self.site.server_domain, server_map50, server_density,
                                                            thresholds, replies.failures)
         print_table(self.console, table)
         for warning in warnings:
@@ -408,7 +446,8 @@ class FederatedRun:
                                         {"imgsz": cfg.imgsz, "method": cfg.method, "strategy": cfg.strategy, "seed": cfg.seed})
         result = self.run_dir.write_result(
             "completed", method=cfg.method, strategy=cfg.strategy, steps=len(self.plan.steps), failures=self.state.failures,
-            failures_by_step=self.state.failures_by_step, rejections=self.state.rejections, final=final, best_map50=self.state.best_map50,
+            failures_by_step=self.state.failures_by_step, rejections=self.state.rejections,
+            site_failures=self.state.site_failures, sites=self.state.last_sites, final=final, best_map50=self.state.best_map50,
             best_step=self.state.best_step, elapsed_seconds=self.state.elapsed, model=str(model_path))
         try:
             write_run_report(self.run_dir.path)

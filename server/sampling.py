@@ -81,22 +81,26 @@ def read_partition_reply(reply: Message) -> dict:
 
 
 def discover_partitions(grid, expected: int, timeout: float, config: Mapping | None = None,
-                        poll: float = 1.0) -> Discovery:
+                        poll: float = 1.0, handshake: Mapping | None = None) -> Discovery:
     """Ask every connected node for its partition id.
 
     Waits until ``expected`` nodes are connected (or ``timeout`` passes), sends each a
-    ``query.partition`` message and maps partition ids to node ids. Duplicate or out-of-range ids
-    and error replies are recorded in ``failures``.
+    ``query.partition`` message and maps partition ids to node ids. Duplicate or out-of-range ids,
+    error replies and sites whose handshake differs are recorded in ``failures``.
 
     Parameters
     ----------
     grid : flwr.serverapp.Grid
     expected : int
-        Number of clients in the federation manifest.
+        Number of clients in the federation.
     timeout : float
         Seconds to wait for nodes and replies together.
     config : mapping, optional
         Extra ConfigRecord entries for the query (e.g. the manifest path the server uses).
+    handshake : mapping, optional
+        What every site must report: ``protocol.FEDERATION_ID`` and the ``version-*`` keys of
+        :func:`strategies.protocol.site_versions`; a site that differs is refused (see
+        :func:`handshake_problem`).
     """
     deadline = time.monotonic() + timeout
     node_ids = list(grid.get_node_ids())
@@ -109,10 +113,21 @@ def discover_partitions(grid, expected: int, timeout: float, config: Mapping | N
     found = Discovery()
     if len(node_ids) < expected:
         found.failures.append(f"only {len(node_ids)} of {expected} clients connected within {timeout:.0f}s")
+    query_partitions(grid, node_ids, found, expected, max(1.0, deadline - time.monotonic()), config, handshake)
+    return found
+
+
+def query_partitions(grid, node_ids, found: Discovery, expected: int, timeout: float, config: Mapping | None = None,
+                     handshake: Mapping | None = None) -> list[int]:
+    """Send the partition query to ``node_ids`` and record the answers in ``found``.
+
+    A partition already in ``found`` that answers from another node moves to that node (a site
+    that restarted with a new node id). Returns the partitions (re)mapped.
+    """
     messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord(dict(config or {}))}), dst_node_id=nid,
                         message_type=protocol.QUERY_PARTITION) for nid in sorted(node_ids)]
-    replies = list(grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())))
-    answered = set()
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    answered, mapped = set(), []
     for reply in replies:
         nid = reply.metadata.src_node_id
         answered.add(nid)
@@ -121,13 +136,29 @@ def discover_partitions(grid, expected: int, timeout: float, config: Mapping | N
             continue
         info = read_partition_reply(reply)
         pid = int(info[protocol.PARTITION_ID])
+        problem = handshake_problem(info, handshake) if handshake else None
         if not 0 <= pid < expected:
-            found.failures.append(f"node {nid}: partition id {pid} outside 0..{expected - 1} of the manifest")
-        elif pid in found.nodes:
+            found.failures.append(f"node {nid}: partition id {pid} outside 0..{expected - 1} of the federation")
+        elif problem:
+            found.failures.append(f"site client-{pid} (node {nid}) refused: {problem}")
+        elif pid in found.nodes and found.nodes[pid] in answered and found.nodes[pid] != nid:
             found.failures.append(f"node {nid}: partition id {pid} already held by node {found.nodes[pid]}")
         else:
             found.nodes[pid] = nid
             found.info[pid] = info
+            mapped.append(pid)
     for nid in set(node_ids) - answered:
         found.failures.append(f"node {nid}: no answer to the partition query")
-    return found
+    return mapped
+
+
+def handshake_problem(info: Mapping, expected: Mapping) -> str | None:
+    """Why a site's partition-query answer does not fit this server (None: it fits)."""
+    problems = []
+    theirs = info.get(protocol.FEDERATION_ID)
+    if theirs != expected.get(protocol.FEDERATION_ID):
+        problems.append(f"federation {theirs} there, {expected.get(protocol.FEDERATION_ID)} here "
+                        "(its site folder comes from another federation)")
+    versions = {k: v for k, v in expected.items() if k.startswith(protocol.VERSION_PREFIX)}
+    problems += protocol.version_differences(versions, info)
+    return "; ".join(problems) or None

@@ -34,6 +34,18 @@ class TeacherThresholds:
     precision: float
 
 
+TEACHER_COLUMNS = ("client", "domain", "reliable/img", "uncertain/img", "true/img (hidden)", "reliable precision")
+
+
+def teacher_row(pid: str, m: Mapping) -> list[str]:
+    """One client's cells under :data:`TEACHER_COLUMNS` ("-" where a deployed site, holding no labels, has none)."""
+    def shown(key):
+        return f"{m[key]:.2f}" if key in m else "-"
+
+    return [pid, m["domain"], shown("reliable_per_image"), shown("uncertain_per_image"), shown("true_per_image"),
+            shown("reliable_precision")]
+
+
 def summarise_teacher_check(clients: Mapping[str, Mapping], server_domain: str, server_map50: float,
                             server_density: float, thresholds: TeacherThresholds,
                             failures: Sequence[str] = ()) -> tuple[dict, Table, list[str]]:
@@ -42,7 +54,8 @@ def summarise_teacher_check(clients: Mapping[str, Mapping], server_domain: str, 
     Parameters
     ----------
     clients : mapping
-        Partition id (str) -> the client's reply metrics plus its ``domain``.
+        Partition id (str) -> the client's reply metrics plus its ``domain`` (deployed sites
+        report no ``true_per_image`` or ``reliable_precision``: they hold no labels).
     server_domain : str
         The server's domain (its mAP50 is the teacher's quality on labelled data).
     server_map50 : float
@@ -60,14 +73,14 @@ def summarise_teacher_check(clients: Mapping[str, Mapping], server_domain: str, 
     """
     table = Table(title=f"warm-up quality check ({server_domain} mAP50 {server_map50:.3f}; "
                         f"server labels {server_density:.2f} boxes/image)")
-    for col in ("client", "domain", "reliable/img", "uncertain/img", "true/img (hidden)", "reliable precision"):
+    for col in TEACHER_COLUMNS:
         table.add_column(col, justify="right")
     ordered = sorted(clients.items(), key=lambda kv: int(kv[0]))
     for pid, m in ordered:
-        table.add_row(pid, m["domain"], f"{m['reliable_per_image']:.2f}", f"{m['uncertain_per_image']:.2f}",
-                      f"{m['true_per_image']:.2f}", f"{m['reliable_precision']:.2f}")
+        table.add_row(*teacher_row(pid, m))
     weak = [pid for pid, m in ordered if m["reliable_per_image"] < thresholds.density * server_density]
-    noisy = [pid for pid, m in ordered if m["reliable_per_image"] > 0 and m["reliable_precision"] < thresholds.precision]
+    noisy = [pid for pid, m in ordered if m["reliable_per_image"] > 0 and "reliable_precision" in m
+             and m["reliable_precision"] < thresholds.precision]
     summary = {"server_domain_map50": server_map50, "server_boxes_per_image": server_density, "clients": dict(clients),
                "failures": list(failures), "low_density_clients": weak, "noisy_clients": noisy,
                "weak_teacher": bool(server_map50 < thresholds.map50 or weak or noisy)}

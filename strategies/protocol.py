@@ -34,6 +34,46 @@ INFO = "info"
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
 DOMAIN = "domain"
+FEDERATION_ID = "federation-id"
+VERSION_PREFIX = "version-"  # info keys of the partition query's version handshake
+
+
+def site_versions(model_yaml: str) -> dict[str, str]:
+    """What a site reports in the handshake: flwr and fedsto versions, the model yaml's hash.
+
+    Keys carry :data:`VERSION_PREFIX` (``version-flwr``, ``version-fedsto``, ``version-model``).
+    """
+    from importlib import metadata
+
+    import flwr
+
+    from detection.model import model_yaml_hash
+
+    try:
+        fedsto = metadata.version("fedsto")
+    except metadata.PackageNotFoundError:
+        fedsto = "not installed"
+    return {f"{VERSION_PREFIX}flwr": flwr.__version__, f"{VERSION_PREFIX}fedsto": fedsto,
+            f"{VERSION_PREFIX}model": f"{model_yaml}@{model_yaml_hash(model_yaml)}"}
+
+
+def version_differences(ours: dict[str, str], theirs: dict) -> list[str]:
+    """How a site's handshake differs from the server's (empty: compatible).
+
+    flwr must agree in major.minor (Flower's own rule for its components); fedsto and the model
+    yaml hash exactly. A missing key is a difference (an older client).
+    """
+    out = []
+    for key, mine in ours.items():
+        name = key.removeprefix(VERSION_PREFIX)
+        got = theirs.get(key)
+        if got is None:
+            out.append(f"{name}: not reported there, {mine} here")
+            continue
+        same = (str(got).split(".")[:2] == mine.split(".")[:2]) if name == "flwr" else str(got) == mine
+        if not same:
+            out.append(f"{name} {got} there, {mine} here")
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
