@@ -35,10 +35,11 @@ from detection.sites import ClientSite
 from strategies import FederatedStrategy, get_strategy, protocol
 from strategies.base import split_extra, with_extra
 from strategies.protocol import RoundInstructions
+from strategies.transport import packed_arrays_mod
 
 log = logging.getLogger("fedsto.client")
 
-app = ClientApp()
+app = ClientApp(mods=[packed_arrays_mod])  # weights travel packed: strategies/transport.py
 
 # Metrics every train reply carries, so replies of one round always have the same keys.
 DEFAULT_REPLY_METRICS = ("steps_skipped", "images_skipped", "pseudo_images", "pseudo_reliable", "pseudo_uncertain")

@@ -47,7 +47,7 @@ from server.rounds import (classify_replies, mean_losses, personal_summary, pseu
 from server.sampling import Discovery, discover_partitions, query_partitions, sample_partitions
 from server.state import ServerState, checkpoint_payload, restore_checkpoint
 from server.teacher_check import TeacherThresholds, summarise_teacher_check
-from strategies import FederatedStrategy, StrategyError, get_strategy, protocol
+from strategies import FederatedStrategy, StrategyError, get_strategy, protocol, transport
 from strategies.base import RoundContext, split_extra, with_extra
 from strategies.guard import expected_specs
 from strategies.protocol import RoundInstructions
@@ -187,7 +187,7 @@ class FederatedRun:
         except Exception as exc:
             self.run_dir.write_result("failed", reason=str(exc), failures=self.state.failures,
                                       failures_by_step=self.state.failures_by_step, rejections=self.state.rejections,
-                                      site_failures=self.state.site_failures, last_step=self.state.step)
+                                      failure_reasons=self.state.failure_reasons, site_failures=self.state.site_failures, last_step=self.state.step)
             self.run_dir.write_progress(self.state.step, len(self.plan.steps), "failed", status="failed")
             self.say(f"run failed: {exc}", style="bold red")
             raise
@@ -337,10 +337,15 @@ class FederatedRun:
 
     def _messages(self, partitions: list[int], arrays: ArrayRecord, ins: RoundInstructions, message_type: str) -> tuple[list[Message], dict[int, int]]:
         config = ConfigRecord(ins.to_config())
+        packed, layout = transport.pack_arrays(arrays)  # once per round, not per client
         sent = {self.discovery.nodes[pid]: pid for pid in partitions}
-        messages = [Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config}), dst_node_id=nid,
-                            message_type=message_type) for nid in sorted(sent, key=sent.get)]
+        messages = [Message(RecordDict({protocol.ARRAYS: packed, transport.LAYOUT: layout, protocol.CONFIG: config}),
+                            dst_node_id=nid, message_type=message_type) for nid in sorted(sent, key=sent.get)]
         return messages, sent
+
+    def _exchange(self, messages: list[Message]) -> list[Message]:
+        """Send a round's messages and return the replies with their arrays unpacked (``strategies.transport``)."""
+        return [transport.unpacked(r) for r in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)]
 
     def _refresh_nodes(self) -> None:
         """Query nodes that connected since discovery (a restarted or late site) and remap their partitions."""
@@ -367,7 +372,7 @@ class FederatedRun:
         arrays = self._broadcast(extra)
         messages, sent = self._messages(sampled, arrays, ins, protocol.TRAIN)
         expected = expected_specs(with_extra({k: global_state[k] for k in upload_keys}, extra))
-        replies = classify_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), sent, expected,
+        replies = classify_replies(self._exchange(messages), sent, expected,
                                    guard=cfg.reply_guard)
         row: dict = {"sampled": sampled, "replies": len(replies.ok), "failures": replies.num_failures,
                      "failure_reasons": replies.failures, "bytes_down": arrays.count_bytes() * len(sampled),
@@ -378,6 +383,7 @@ class FederatedRun:
         self.state.rejections += [{"round": step.round, **r} for r in replies.rejected]
         if replies.num_failures:
             self.state.failures_by_step[str(step.index)] = replies.num_failures
+            self.state.failure_reasons += [{"step": step.index, "round": step.round, "reason": f} for f in replies.failures]
             for f in replies.failures:
                 self.warn(f"round {step.round}: {f}")
         needed = max(required_replies(len(sampled), cfg.min_reply_fraction), self.strategy.min_replies())
@@ -421,7 +427,7 @@ class FederatedRun:
         server_density = float(np.mean([len(r.classes) for r in self.labelled])) if self.labelled else 0.0
         ins = self.instructions(step, evaluate_personal=False)
         messages, sent = self._messages(self.discovery.partitions, self._broadcast(), ins, protocol.EVALUATE_TEACHER)
-        replies = classify_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), sent, None)
+        replies = classify_replies(self._exchange(messages), sent, None)
         clients = {}
         for r in replies.ok:
             m = reply_metrics(r)
@@ -447,6 +453,7 @@ class FederatedRun:
         result = self.run_dir.write_result(
             "completed", method=cfg.method, strategy=cfg.strategy, steps=len(self.plan.steps), failures=self.state.failures,
             failures_by_step=self.state.failures_by_step, rejections=self.state.rejections,
+            failure_reasons=self.state.failure_reasons,
             site_failures=self.state.site_failures, sites=self.state.last_sites, final=final, best_map50=self.state.best_map50,
             best_step=self.state.best_step, elapsed_seconds=self.state.elapsed, model=str(model_path))
         try:

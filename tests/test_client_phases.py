@@ -21,6 +21,7 @@ from server.inprocess import InProcessGrid
 from server.rundir import RunDir
 from server.runner import FederatedRun, RunFailed
 from strategies.protocol import RoundInstructions
+from strategies.transport import unpack_content
 
 from helpers import without_timings
 
@@ -133,7 +134,7 @@ def test_fedsto_rounds_regulariser_both_sides_and_teacher_reset(weather_federati
     # bytes up: backbone only in phase 1, everything in phase 2
     assert r1["bytes_up"] < 0.7 * r2["bytes_up"] and r2["bytes_up"] == 2 * r2["bytes_model"]
     # the teacher of each client round starts exactly from that round's broadcast
-    broadcasts = [fingerprint(m.content["arrays"].to_torch_state_dict()) for m in grid.sent if m.metadata.message_type == "train"]
+    broadcasts = [fingerprint(unpack_content(m.content)["arrays"].to_torch_state_dict()) for m in grid.sent if m.metadata.message_type == "train"]
     assert len(broadcasts) == 4 and resets == broadcasts
     assert broadcasts[0] != broadcasts[2]  # and the broadcast did change between rounds
     # outputs of a finished run

@@ -28,6 +28,7 @@ from server.config import RunConfig
 from server.inprocess import InProcessGrid
 from server.runner import FederatedRun, RunFailed
 from strategies import protocol
+from strategies.transport import LAYOUT, unpack_content
 
 IMGSZ = 96
 HOLDOUT = 4
@@ -179,9 +180,14 @@ def test_a_deployment_run_completes_and_every_reply_carries_only_what_may_leave_
     model_keys = set(get_state(build_model("yolo11n.yaml", len(fed["class_names"]), fed["class_names"])))
     kinds = {r.metadata.message_type for r in grid.replies}
     assert kinds == {"query.partition", "evaluate.teacher", "train"} and len(grid.replies) == 2 * 4
-    for reply in grid.replies:
+    for reply in grid.replies:  # as they arrive: weights packed (strategies/transport.py), their layout beside them
         assert not reply.has_error(), reply.error.reason
-        for record in reply.content.config_records.values():
+        wire = dict(reply.content.config_records)
+        if LAYOUT in wire:  # tensor names, dtypes and shapes of the model, nothing else
+            assert set(wire.pop(LAYOUT)) == {"layout"}
+            layout = json.loads(reply.content.config_records[LAYOUT]["layout"])
+            assert {key for key, _, _ in layout} <= model_keys
+        for record in wire.values():
             assert set(record) <= SITE_INFO_KEYS, set(record) - SITE_INFO_KEYS
             for value in record.values():
                 assert not isinstance(value, (list, bytes)), value  # no file lists, no blobs
@@ -192,7 +198,7 @@ def test_a_deployment_run_completes_and_every_reply_carries_only_what_may_leave_
             assert set(record) <= SITE_METRIC_KEYS | {k for k in record if re.fullmatch(r"loss_\w+", k)}, set(record)
             assert not any("precision" in k or "recall" in k or "true" in k for k in record)  # label-derived
             assert all(not isinstance(v, list) for v in record.values())
-        for record in reply.content.array_records.values():
+        for record in unpack_content(reply.content).array_records.values():
             assert set(record) <= model_keys | {k for k in record if k.startswith("strategy/")}
 
 

@@ -25,6 +25,7 @@ from server.rundir import RunDir
 from server.runner import FederatedRun
 from strategies.fedbn import FedBNStrategy, batchnorm_keys
 from strategies.fedopt import FedAdamStrategy
+from strategies.transport import unpack_content
 
 from helpers import without_timings
 from test_client_phases import Crash, run_config, warm_weights  # noqa: F401  (fixture)
@@ -84,7 +85,7 @@ def equal(a, b) -> bool:
 
 def broadcast_bn(grid, server_round: int, keys) -> dict:
     msg = next(m for m in grid.sent if m.metadata.message_type == "train" and m.content["config"]["server_round"] == server_round)
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = unpack_content(msg.content)["arrays"].to_torch_state_dict()
     return {k: state[k] for k in keys}
 
 
@@ -122,7 +123,7 @@ def test_fedbn_keeps_each_clients_batchnorm_and_averages_the_rest(weather_federa
 
     assert len(merges) == len(grid.replies) == 2
     for (global_state, aggregate, merged), replies in zip(merges, grid.replies):
-        uploads = [r.content["arrays"].to_torch_state_dict() for r in replies]
+        uploads = [unpack_content(r.content)["arrays"].to_torch_state_dict() for r in replies]
         weights = [float(r.content["metrics"]["num-examples"]) for r in replies]
         assert weights[0] != weights[1]
         assert all(not set(keys) & set(u) for u in uploads)  # the server never receives a BatchNorm tensor
