@@ -227,11 +227,18 @@ def test_proxy_forwards_only_the_fleet_api(topology):
 
 
 def _run_config(out: Path) -> Path:
-    """presets/deploy.toml with a fixed output-dir (flwr takes one TOML file or key=value pairs, not both)."""
+    """presets/deploy.toml with a fixed output-dir and a patient round timeout.
+
+    The preset's 90 s round timeout is for fault tests; three ClientApps and the ServerApp on two
+    shared cores took 83-97 s per round here, so a busy machine would fail the run for nothing.
+    Neither key changes what is computed (both may differ on resume). flwr takes one TOML file or
+    key=value pairs, not both, hence the merged file.
+    """
     from server.presets import write_run_config
 
     values = tomllib.loads((ROOT / "presets" / "deploy.toml").read_text())
     values["output-dir"] = RUN_DIR_NAME
+    values["round-timeout"] = max(float(values.get("round-timeout", 0)), 600.0)
     return write_run_config(out / "deploy-run.toml", values, "presets/deploy.toml + output-dir (test_docker_deploy)")
 
 
@@ -268,4 +275,4 @@ def test_deploy_preset_runs_to_completion(topology, record_measurement):
     assert result["status"] == "completed", result
     # The preset tolerates a lost site (min-reply-fraction 0.6); here none may be lost.
     assert result.get("failures") == 0, result
-    assert len(result.get("sites") or []) == 3, result
+    assert sorted(result.get("sites") or {}) == ["client-0", "client-1", "client-2"], result
