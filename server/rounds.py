@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from strategies import protocol
 from strategies.guard import ArraySpec, check_reply
@@ -35,7 +36,8 @@ class RoundReplies:
 
 
 def classify_replies(replies: Iterable[Message], sent: Mapping[int, int],
-                     expected: Mapping[str, ArraySpec] | None = None, guard: bool = True) -> RoundReplies:
+                     expected: Mapping[str, ArraySpec] | None = None, guard: bool = True,
+                     message_nodes: Mapping[str, int] | None = None) -> RoundReplies:
     """Sort replies into usable ones and failures.
 
     Parameters
@@ -50,6 +52,10 @@ def classify_replies(replies: Iterable[Message], sent: Mapping[int, int],
     guard : bool
         Run :func:`strategies.guard.check_reply` on train replies (``reply-guard``); with it off,
         only the keys are compared.
+    message_nodes : mapping, optional
+        Message id -> destination node id of the messages sent. The SuperLink answers for a node
+        it considers gone (no heartbeat) with an error reply of its own (source node
+        ``SUPERLINK_NODE_ID``); this maps it back to the node and partition it stands for.
 
     Returns
     -------
@@ -62,6 +68,8 @@ def classify_replies(replies: Iterable[Message], sent: Mapping[int, int],
     seen: set[int] = set()
     for reply in replies:
         nid = reply.metadata.src_node_id
+        if nid == SUPERLINK_NODE_ID and reply.has_error() and message_nodes:
+            nid = message_nodes.get(reply.metadata.reply_to_message_id, nid)
         pid = sent.get(nid)
         if pid is None:
             out.failures.append(f"node {nid}: reply to a message this round did not send")

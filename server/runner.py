@@ -42,8 +42,8 @@ from server import rundir as rd
 from server.config import RunConfig
 from server.plan import Plan, Step, build_plan
 from server.prepare import ensure_synthetic_federation
-from server.rounds import (classify_replies, mean_losses, personal_summary, pseudo_summary, reply_domain, reply_metrics,
-                           required_replies, site_summary)
+from server.rounds import (RoundReplies, classify_replies, mean_losses, personal_summary, pseudo_summary, reply_domain,
+                           reply_metrics, required_replies, site_summary)
 from server.sampling import Discovery, discover_partitions, query_partitions, sample_partitions
 from server.state import ServerState, checkpoint_payload, restore_checkpoint
 from server.teacher_check import TeacherThresholds, summarise_teacher_check
@@ -343,9 +343,11 @@ class FederatedRun:
                             dst_node_id=nid, message_type=message_type) for nid in sorted(sent, key=sent.get)]
         return messages, sent
 
-    def _exchange(self, messages: list[Message]) -> list[Message]:
-        """Send a round's messages and return the replies with their arrays unpacked (``strategies.transport``)."""
-        return [transport.unpacked(r) for r in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)]
+    def _exchange(self, messages: list[Message], sent: dict[int, int], expected=None) -> RoundReplies:
+        """Send a round's messages; the replies, arrays unpacked (``strategies.transport``), sorted and guarded."""
+        replies = [transport.unpacked(r) for r in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)]
+        message_nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set by the push
+        return classify_replies(replies, sent, expected, guard=self.cfg.reply_guard, message_nodes=message_nodes)
 
     def _refresh_nodes(self) -> None:
         """Query nodes that connected since discovery (a restarted or late site) and remap their partitions."""
@@ -372,8 +374,7 @@ class FederatedRun:
         arrays = self._broadcast(extra)
         messages, sent = self._messages(sampled, arrays, ins, protocol.TRAIN)
         expected = expected_specs(with_extra({k: global_state[k] for k in upload_keys}, extra))
-        replies = classify_replies(self._exchange(messages), sent, expected,
-                                   guard=cfg.reply_guard)
+        replies = self._exchange(messages, sent, expected)
         row: dict = {"sampled": sampled, "replies": len(replies.ok), "failures": replies.num_failures,
                      "failure_reasons": replies.failures, "bytes_down": arrays.count_bytes() * len(sampled),
                      "bytes_up": int(sum(r.content[protocol.ARRAYS].count_bytes() for r in replies.ok)),
@@ -427,7 +428,7 @@ class FederatedRun:
         server_density = float(np.mean([len(r.classes) for r in self.labelled])) if self.labelled else 0.0
         ins = self.instructions(step, evaluate_personal=False)
         messages, sent = self._messages(self.discovery.partitions, self._broadcast(), ins, protocol.EVALUATE_TEACHER)
-        replies = classify_replies(self._exchange(messages), sent, None)
+        replies = self._exchange(messages, sent)
         clients = {}
         for r in replies.ok:
             m = reply_metrics(r)

@@ -72,3 +72,19 @@ def test_summaries():
     assert mean_losses(clients)["loss_cls"] == pytest.approx((10 * 1 + 30 * 2) / 40)
     per = personal_summary(clients, {"0": "rainy", "1": "night"})
     assert per["rainy"]["map50"] == 0.4 and per["Total"]["map50"] == pytest.approx(0.5)
+
+
+def test_the_superlinks_answer_for_a_node_without_heartbeat_is_counted_for_that_node():
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    sent = {11: 0, 12: 1}
+    asked = [request(11), request(12)]
+    for k, msg in enumerate(asked):
+        msg.metadata.__dict__["_message_id"] = f"message-{k}"  # what pushing a message sets
+    gone = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=asked[1])
+    gone.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # the SuperLink answers, not node 12
+    nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in asked}
+    out = classify_replies([ok_reply(11, 0), gone], sent, message_nodes=nodes)
+    assert out.failures == ["partition 1 (node 12): Error: Node Unavailable"]
+    without = classify_replies([ok_reply(11, 0), gone], sent)  # what was reported before: two wrong lines
+    assert any("node 1: reply to a message this round did not send" in f for f in without.failures)
