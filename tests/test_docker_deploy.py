@@ -14,6 +14,8 @@ volumes at the end. What is checked:
 
 Needs root or a running engine (installed and started when absent, see ``docker_support``); the
 images are built once with the layer cache kept, so only the first run pays for torch (~5 GB).
+Environment: ``TORCH_INDEX_URL`` (build arg of the project image), ``FEDSTO_BASE_IMAGE``,
+``FEDSTO_DOCKER_RUN_TIMEOUT`` (seconds for the run, default 1200).
 """
 
 from __future__ import annotations
@@ -209,7 +211,7 @@ def _post(url: str, ca: Path, body: bytes = b"") -> int:
         return err.code
 
 
-def test_proxy_forwards_only_the_fleet_api(topology):
+def test_proxy_forwards_only_the_fleet_api(topology, record_measurement):
     base = f"https://127.0.0.1:{topology.fleet_port}"
     # Control API (what `flwr run/ls/supernode register` use) and the SuperLink's internals: refused.
     for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node",
@@ -222,7 +224,9 @@ def test_proxy_forwards_only_the_fleet_api(topology):
     # rejected by it, not by nginx).
     assert _post(base + "/v1/fleet/get-run", topology.ca) not in (403, 404, 502, 503, 504)
     logs = topology.compose("logs", "--no-color", "proxy").stdout
-    assert re.search(r'"POST /v1/control/list-runs HTTP/1\.1" 403', logs), logs[-2000:]
+    refused = re.search(r'.*"POST /v1/control/list-runs HTTP/1\.1" 403.*', logs)
+    assert refused, logs[-2000:]
+    record_measurement(f"proxy refused the Control API: {refused.group(0).strip()}")
     assert re.search(r'"POST /v1/fleet/pull-messages HTTP/1\.1" 200', logs), "SuperNodes do not go through the proxy"
 
 
