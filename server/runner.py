@@ -429,6 +429,7 @@ class FederatedRun:
         ins = self.instructions(step, evaluate_personal=False)
         messages, sent = self._messages(self.discovery.partitions, self._broadcast(), ins, protocol.EVALUATE_TEACHER)
         replies = self._exchange(messages, sent)
+        self.state.failure_reasons += [{"step": step.index, "round": "teacher check", "reason": f} for f in replies.failures]
         clients = {}
         for r in replies.ok:
             m = reply_metrics(r)

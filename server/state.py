@@ -30,7 +30,7 @@ class ServerState:
     last_eval: dict | None = None
     failures_by_step: dict = field(default_factory=dict)
     rejections: list = field(default_factory=list)
-    failure_reasons: list = field(default_factory=list)  # every failed reply: {"step", "round", "reason"} (node and why)
+    failure_reasons: list = field(default_factory=list)  # every failed reply: {"step", "round", "reason"}; round may be "teacher check"
     site_failures: list = field(default_factory=list)  # discovery / refresh problems: {"step", "where", "reason"}
     last_sites: dict | None = None  # per-site hold-out mAP of the last evaluated round (deployment)
 
