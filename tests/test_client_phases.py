@@ -72,7 +72,7 @@ def test_phase1_client_trains_and_uploads_exactly_the_backbone(weather_federatio
     (reply,) = grid.send_and_receive([msg])
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     backbone = select_keys(model, ["backbone"])
-    uploaded = reply.content["arrays"]
+    uploaded = unpack_content(reply.content)["arrays"]  # the reply travels packed
     assert list(uploaded.keys()) == backbone
 
     after = capture_client_model[0]
