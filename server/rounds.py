@@ -7,7 +7,7 @@ processes: which replies count, when a round fails, what goes into the metrics r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np

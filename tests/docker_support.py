@@ -41,14 +41,6 @@ HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 EXTRA_CA = ROOT / "deploy" / "extra-ca" / "host-ca-bundle.crt"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedsto-docker"
 
-# Images docker-compose.yml runs (its defaults) and how they are built.
-IMAGES = {
-    "fedsto/flwr:local": "deploy/superlink.Dockerfile",
-    "fedsto/proxy:local": "deploy/proxy.Dockerfile",
-    "fedsto/app:local": "Dockerfile",
-}
-
-
 class Unavailable(RuntimeError):
     """Docker cannot be made to work here (the reason is the message)."""
 
@@ -256,33 +248,6 @@ def ensure_extra_ca(notes: list[str]) -> bool:
     notes.append(f"PyPI's certificate does not verify against pip's CA store (intercepting proxy?): "
                  f"copied {HOST_CA_BUNDLE} to {EXTRA_CA.relative_to(ROOT)} for the builds")
     return True
-
-
-def build_images(engine: Engine, base_image: str, build_args: dict[str, str] | None = None,
-                 timeout: float = 2400) -> dict[str, float]:
-    """``docker build`` each image of docker-compose.yml (layer cache kept); seconds per image."""
-    seconds = {}
-    for tag, dockerfile in IMAGES.items():
-        args = {"BASE_IMAGE": base_image, **(build_args or {})}
-        cmd = ["build", "-t", tag, "-f", dockerfile]
-        for key, value in args.items():
-            cmd += ["--build-arg", f"{key}={value}"]
-        start = time.monotonic()
-        proc = run(["docker", *cmd, "."], env={**engine.env, "DOCKER_BUILDKIT": "0"}, cwd=ROOT, timeout=timeout,
-                   check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"docker build of {tag} failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}")
-        seconds[tag] = time.monotonic() - start
-    return seconds
-
-
-def image_sizes(engine: Engine) -> dict[str, int]:
-    sizes = {}
-    for tag in IMAGES:
-        proc = engine.docker("image", "inspect", "--format", "{{.Size}}", tag, check=False)
-        if proc.returncode == 0:
-            sizes[tag] = int(proc.stdout.strip())
-    return sizes
 
 
 def free_port() -> int:

@@ -223,3 +223,47 @@ def test_a_superlink_certificate_that_is_expired_or_names_another_host_is_refuse
     assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in text, text[-2000:]
     expected = "certificate has expired" if case == "expired" else "IP address mismatch|Hostname mismatch|doesn't match"
     assert re.search(expected, text), text[-2000:]
+
+
+def test_adding_a_site_and_rotating_its_key_as_the_readme_says(topology, tmp_path):
+    """README "Adding a site, rotating a key": the credentials script adds a key and keeps the rest;
+    the new key registers and its SuperNode comes online; after ``unregister`` and a new key, the
+    old key is refused and the new one gets in."""
+    creds = topology.creds
+    kept = (creds / "node0").read_bytes()
+    subprocess.run(["sh", str(ROOT / "deploy" / "make-credentials.sh"), str(creds), "5"], check=True, capture_output=True)
+    assert (creds / "node0").read_bytes() == kept and (creds / "node4.pub").exists()
+
+    def start_node(key: Path) -> subprocess.Popen:
+        cmd = topology.supernode_cmd("client-0", key=key, port=free_port())
+        cmd[cmd.index("--node-config") + 1] = f'site="{tmp_path / "new-site"}"'
+        return subprocess.Popen(cmd, env=topology.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    online = topology.online_nodes()
+    node_id = topology.register("client-0", key=creds / "node4.pub")["node-id"]
+    node = start_node(creds / "node4")
+    try:
+        topology.wait_online(online + 1, timeout=120)
+    finally:
+        node.kill()
+        node.wait(10)
+
+    old_key = tmp_path / "node4-old"
+    old_key.write_bytes((creds / "node4").read_bytes())
+    old_key.chmod(0o600)
+    topology.flwr("supernode", "unregister", str(node_id), "topology")
+    for name in ("node4", "node4.pub"):
+        (creds / name).unlink()
+    subprocess.run(["sh", str(ROOT / "deploy" / "make-credentials.sh"), str(creds), "5"], check=True, capture_output=True)
+    assert (creds / "node4").read_bytes() != old_key.read_bytes()
+    code, text = supernode_exit(topology, topology.supernode_cmd("client-0", key=old_key, port=free_port())
+                                + ["--max-retries", "0"])
+    assert code != 0 and "Failed to activate SuperNode" in text, text[-2000:]
+    topology.register("client-0", key=creds / "node4.pub")
+    node = start_node(creds / "node4")
+    try:
+        topology.wait_online(online + 1, timeout=180)  # the unregistered node no longer counts
+    finally:
+        node.kill()
+        node.wait(10)
