@@ -51,7 +51,8 @@ def load_run(path: str | Path) -> RunSummary:
     rows = run.read_metrics()
     result = run.read_json(rd.RESULT) or {"status": "unfinished"}
     evals = [r for r in rows if "eval" in r]
-    personal = [r for r in rows if r.get("personal")]
+    # Deployed: "personal" is each site's hold-out, not a domain test split (reported per site instead).
+    personal = [r for r in rows if r.get("personal")] if not config.get("deployed") else []
     return RunSummary(path=path, method=config.get("run_config", {}).get("method", "?"), status=result.get("status", "?"),
                       server_domain=config.get("server_domain", ""), final=evals[-1]["eval"] if evals else {},
                       personal=personal[-1]["personal"] if personal else {}, rows=rows, result=result, config=config)
@@ -89,6 +90,14 @@ def comparison_markdown(runs: Sequence[RunSummary]) -> str:
     if any(r.personal for r in runs):
         lines += ["## Personalised client models (each on its own domain)", "",
                   domain_markdown({f"{n} (personalised)": r.personal for n, r in zip(row_names(runs), runs) if r.personal}).rstrip(), ""]
+    for name, r in zip(row_names(runs), runs):
+        sites = r.result.get("sites") or {}
+        if sites:  # deployment: a real server has no client test sets, each site reports its own hold-out
+            lines += [f"## {name}: client sites on their own hold-outs (federated evaluation, last round)", "",
+                      "| site | broadcast mAP50 / mAP50-95 | after local training |", "|---|---:|---:|"]
+            lines += [f"| {site} | {m['broadcast_map50']:.3f} / {m['broadcast_map50_95']:.3f} | "
+                      f"{m['personal_map50']:.3f} / {m['personal_map50_95']:.3f} |" for site, m in sites.items()]
+            lines.append("")
     lines += ["## Runs", "", "| method | status | steps | failures | time (s) | MB up | MB down | run dir |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for name, r in zip(row_names(runs), runs):
         up = sum(row.get("bytes_up", 0) for row in r.rows) / 1e6
@@ -193,21 +202,26 @@ def plot_run(run: RunSummary, out_dir: Path) -> list[Path]:
 
     pseudo = [r for r in rows if "pseudo" in r]
     if pseudo:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        # Quality needs the hidden labels: simulation only, a deployed site has none.
+        quality = [key for key in ("reliable_precision", "reliable_recall", "uncertain_precision", "uncertain_recall")
+                   if any(key in r["pseudo"] for r in pseudo)]
+        fig, axes = plt.subplots(1, 2 if quality else 1, figsize=(10 if quality else 5.5, 4), squeeze=False)
+        a1 = axes[0][0]
         xs = [r["step"] for r in pseudo]
         a1.plot(xs, [r["pseudo"]["reliable_per_image"] for r in pseudo], marker="o", ms=3, label="reliable")
         a1.plot(xs, [r["pseudo"]["uncertain_per_image"] for r in pseudo], marker="o", ms=3, label="uncertain")
         a1.set_title("pseudo boxes per image")
         a1.set_xlabel("step")
         a1.legend(fontsize=8)
-        for key in ("reliable_precision", "reliable_recall", "uncertain_precision", "uncertain_recall"):
-            if any(key in r["pseudo"] for r in pseudo):
+        if quality:
+            a2 = axes[0][1]
+            for key in quality:
                 a2.plot(xs, [r["pseudo"].get(key, np.nan) for r in pseudo], marker="o", ms=3, label=key.replace("_", " "))
-        a2.set_title("pseudo-label quality (hidden labels, diagnostics)")
-        a2.set_xlabel("step")
-        a2.set_ylim(0, 1)
-        a2.legend(fontsize=8)
-        finish(fig, [a1, a2], "pseudo_labels.png")
+            a2.set_title("pseudo-label quality (hidden labels, diagnostics)")
+            a2.set_xlabel("step")
+            a2.set_ylim(0, 1)
+            a2.legend(fontsize=8)
+        finish(fig, list(axes[0]), "pseudo_labels.png")
 
     comm = [r for r in rows if "bytes_up" in r]
     if comm:

@@ -78,3 +78,31 @@ def test_tables_keep_their_natural_width_when_stdout_is_not_a_terminal():
     print_table(console, domain_table(rows))
     body = [line for line in out.getvalue().splitlines() if "fedsto" in line]
     assert len(body) == 1 and body[0].count("0.828 / 0.557") == 6 and "(personalised)" in body[0]
+
+
+def test_a_deployed_run_reports_each_sites_hold_out_not_a_personalised_domain_table(tmp_path):
+    """A real server has no client test sets: the sites' own hold-out mAP is its own table, and no
+    'personalised' row pretends to be per-domain; with no hidden labels there is no quality panel."""
+    import json
+
+    from server import rundir as rd
+    from server.report import load_run, run_markdown, write_run_report
+
+    run = rd.RunDir(tmp_path / "deployed")
+    run.path.mkdir()
+    run.write_json(rd.CONFIG, {"run_config": {"method": "fedsto"}, "server_domain": "clear", "deployed": True})
+    rows = [{"step": 1, "kind": "warmup", "eval": {"clear": {"map50": 0.5, "map50_95": 0.3}, "Total": {"map50": 0.5, "map50_95": 0.3}}},
+            {"step": 2, "kind": "round", "pseudo": {"reliable_per_image": 1.0, "uncertain_per_image": 0.5},
+             "personal": {"rainy": {"map50": 0.4, "map50_95": 0.2}, "Total": {"map50": 0.4, "map50_95": 0.2}},
+             "eval": {"clear": {"map50": 0.6, "map50_95": 0.3}, "Total": {"map50": 0.6, "map50_95": 0.3}}}]
+    (run.path / rd.METRICS_JSONL).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sites = {"client-0": {"broadcast_map50": 0.41, "broadcast_map50_95": 0.2, "personal_map50": 0.45, "personal_map50_95": 0.21}}
+    run.write_json(rd.RESULT, {"status": "completed", "sites": sites})
+    text = run_markdown(load_run(run.path))
+    assert "Personalised client models" not in text
+    assert "| client-0 | 0.410 / 0.200 | 0.450 / 0.210 |" in text
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty quality panel used to warn "No artists with labels"
+        write_run_report(run.path)

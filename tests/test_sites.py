@@ -240,13 +240,20 @@ def sites_other(synthetic_records, tmp_path_factory):
     return export_site(manifest, "client-1", out / "client-1", progress=False).parent
 
 
-def test_a_site_without_data_fails_by_node_and_path_and_the_run_goes_on(sites, warm_weights, tmp_path):
+@pytest.mark.parametrize("case", ["missing folder", "empty site manifest"])
+def test_a_site_without_data_fails_by_node_and_path_and_the_run_goes_on(sites, warm_weights, tmp_path, case):
     _, folders = sites
-    broken = {**folders, "client-1": tmp_path / "missing-site"}
+    if case == "missing folder":
+        broken_site, expected = tmp_path / "missing-site", r"no federation or site manifest at .*missing-site"
+    else:
+        broken_site = tmp_path / "empty-site"
+        broken_site.mkdir()
+        site = json.loads((folders["client-1"] / "site.json").read_text())
+        (broken_site / "site.json").write_text(json.dumps({**site, "images": []}))
+        expected = r"empty-site/site.json: images: expected at least one image, got an empty list"
     cfg = deploy_config(folders["server"], tmp_path / "run", weights=warm_weights, **{"min-reply-fraction": 0.5,
                                                                                      "phase2-rounds": 0})
-    result = FederatedRun(site_grid(broken), cfg).run()
+    result = FederatedRun(site_grid({**folders, "client-1": broken_site}), cfg).run()
     assert result["status"] == "completed"
     (failure,) = result["site_failures"]
-    assert re.fullmatch(r"node \d+: partition query failed: .*no federation or site manifest at .*missing-site",
-                        failure["reason"]), failure
+    assert re.fullmatch(rf"node \d+: partition query failed: .*{expected}.*", failure["reason"]), failure
