@@ -352,12 +352,13 @@ class FederatedRun:
     def _refresh_nodes(self) -> None:
         """Query nodes that connected since discovery (a restarted or late site) and remap their partitions."""
         known = set(self.discovery.nodes.values())
-        new = [nid for nid in self.grid.get_node_ids() if nid not in known]
+        connected = set(self.grid.get_node_ids())
+        new = sorted(connected - known)
         if not new:
             return
         failures_before = len(self.discovery.failures)
         mapped = query_partitions(self.grid, new, self.discovery, self.site.num_clients, self.cfg.discovery_timeout,
-                                  self._query_config(), self._handshake())
+                                  self._query_config(), self._handshake(), connected=connected)
         self._site_failures(self.discovery.failures[failures_before:], "partition refresh")
         if mapped:
             self.say("partition map refreshed: " + ", ".join(f"{pid} -> node {self.discovery.nodes[pid]}" for pid in mapped))

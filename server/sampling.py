@@ -118,11 +118,13 @@ def discover_partitions(grid, expected: int, timeout: float, config: Mapping | N
 
 
 def query_partitions(grid, node_ids, found: Discovery, expected: int, timeout: float, config: Mapping | None = None,
-                     handshake: Mapping | None = None) -> list[int]:
+                     handshake: Mapping | None = None, connected: set[int] | frozenset = frozenset()) -> list[int]:
     """Send the partition query to ``node_ids`` and record the answers in ``found``.
 
     A partition already in ``found`` that answers from another node moves to that node (a site
-    that restarted with a new node id). Returns the partitions (re)mapped.
+    that restarted with a new node id), unless its node is still there: it answered this query
+    or is among ``connected`` (then the newcomer is a second site with the same data, refused).
+    Returns the partitions (re)mapped.
     """
     messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord(dict(config or {}))}), dst_node_id=nid,
                         message_type=protocol.QUERY_PARTITION) for nid in sorted(node_ids)]
@@ -141,7 +143,7 @@ def query_partitions(grid, node_ids, found: Discovery, expected: int, timeout: f
             found.failures.append(f"node {nid}: partition id {pid} outside 0..{expected - 1} of the federation")
         elif problem:
             found.failures.append(f"site client-{pid} (node {nid}) refused: {problem}")
-        elif pid in found.nodes and found.nodes[pid] in answered and found.nodes[pid] != nid:
+        elif pid in found.nodes and found.nodes[pid] != nid and (found.nodes[pid] in answered or found.nodes[pid] in connected):
             found.failures.append(f"node {nid}: partition id {pid} already held by node {found.nodes[pid]}")
         else:
             found.nodes[pid] = nid

@@ -58,3 +58,20 @@ def test_discovery_reports_failures_and_missing_nodes():
     assert found.partitions == [0, 2]
     assert any("only 3 of 4 clients" in f for f in found.failures)
     assert any("no data here" in f for f in found.failures)
+
+
+def test_a_site_back_with_a_new_node_id_takes_its_partition_but_a_second_copy_does_not():
+    from server.sampling import query_partitions
+
+    grid = InProcessGrid(_echo_app(), 3, seed=5)
+    found = discover_partitions(grid, expected=3, timeout=5)
+    old = found.nodes[1]
+    # A second node with partition 1's data while partition 1's node is still connected: refused.
+    grid.contexts[777] = grid.contexts[old]
+    grid.partitions[777] = 1
+    assert query_partitions(grid, [777], found, 3, 5, connected=set(grid.get_node_ids())) == []
+    assert found.nodes[1] == old and "partition id 1 already held by node" in found.failures[-1]
+    # Partition 1's node gone (restarted without node auth: a new id): the newcomer takes over.
+    del grid.contexts[old], grid.partitions[old]
+    assert query_partitions(grid, [777], found, 3, 5, connected=set(grid.get_node_ids())) == [1]
+    assert found.nodes[1] == 777
