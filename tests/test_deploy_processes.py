@@ -94,6 +94,9 @@ def test_a_deployed_run_completes_and_names_the_site_without_data(topology):
     (missing,) = [f for f in result["site_failures"] if "client-3-never-exported" in f["reason"]]
     assert re.match(r"node \d+: partition query failed: .*no federation or site manifest at \S+client-3-never-exported",
                     missing["reason"]), missing
+    # README: `flwr log <run-id> <connection> --stream` follows the ServerApp (it returns once the run has ended).
+    log = topology.flwr("log", str(run_id), "topology", "--stream", timeout=120).stdout
+    assert "fedsto fedsto (fedavg) on" in log and "done: fedsto" in log, log[-2000:]
     print(f"\nfedsto measurements: deployed reference run {time.monotonic() - start:.0f}s, "
           f"Total mAP50 {result['final']['Total']['map50']:.3f}")
 
