@@ -120,8 +120,14 @@ def read_manifest(path: Path) -> dict:
         If the file is not valid UTF-8 JSON (Python's parser also rejects numbers of more than
         4300 digits and nesting deeper than the recursion limit; both are reported the same way).
     """
+    return read_manifest_text(path)[0]
+
+
+def read_manifest_text(path: Path) -> tuple[dict, str]:
+    """:func:`read_manifest` plus the file's text (what a federation id hashes), from one read."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text), text
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an over-long integer
         raise FederationError(f"{path}: not valid JSON ({_one_line(err)})") from None
     except RecursionError:

@@ -14,6 +14,14 @@ from detection.manifest import MANIFEST_NAME, FederationError, read_manifest, va
 from detection.records import ImageRecord
 
 
+def check_files_exist(manifest: str | Path, files: list[str]) -> None:
+    """Raise :class:`FederationError` naming ``manifest`` and the first missing ``files``."""
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FederationError(f"{manifest}: {len(missing)} of {len(files)} image files it references are missing, "
+                              f"e.g. {', '.join(missing[:3])}")
+
+
 class Federation:
     """A loaded, validated federation manifest.
 
@@ -69,13 +77,7 @@ class Federation:
 
     def check_files(self) -> None:
         """Raise :class:`FederationError` if any referenced image is missing."""
-        files = [self.resolve(entry["file"]) for entry in self._all_entries()]
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            raise FederationError(
-                f"{self.path}: {len(missing)} of {len(files)} image files it references are missing, "
-                f"e.g. {', '.join(missing[:3])}"
-            )
+        check_files_exist(self.path, [self.resolve(entry["file"]) for entry in self._all_entries()])
 
     def _all_entries(self):
         yield from self._manifest["server"]["images"]

@@ -31,9 +31,11 @@ from detection.manifest import (
     FederationError,
     dump_manifest,
     read_manifest,
+    read_manifest_text,
+    validate_manifest,
     validate_site_manifest,
 )
-from detection.manifest_reader import Federation
+from detection.manifest_reader import Federation, check_files_exist
 from detection.records import ImageRecord
 from detection.seeds import derive_seed
 
@@ -115,14 +117,6 @@ class ClientSite:
         check_files_exist(self.path, self.images + [r.path for r in self.eval_records])
 
 
-def check_files_exist(manifest: Path, files: list[str]) -> None:
-    """Raise :class:`FederationError` naming the manifest and the first missing files."""
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise FederationError(f"{manifest}: {len(missing)} of {len(files)} image files it references are missing, "
-                              f"e.g. {', '.join(missing[:3])}")
-
-
 def federation_id(manifest_text: str) -> str:
     """Content hash of a federation manifest's text (16 hex): every site of one federation carries it."""
     return hashlib.sha256(manifest_text.encode("utf-8")).hexdigest()[:16]
@@ -150,12 +144,17 @@ def _manifest_file(path: str | Path) -> Path:
     return Path(os.path.abspath(path))
 
 
-def _read_site(path: Path, role: str) -> dict:
-    manifest = read_manifest(path)
+def _check_site(manifest: dict, path: Path, role: str) -> dict:
     got = validate_site_manifest(manifest, path)
     if got != role:
         raise FederationError(f"{path}: a {got} site manifest ({manifest['site']!r}), expected a {role} site's")
     return manifest
+
+
+def _federation(manifest: dict, file: Path) -> Federation:
+    """The full manifest, validated, without its files checked (each site checks only its own)."""
+    validate_manifest(manifest, file)
+    return Federation(manifest, file)
 
 
 def load_server_site(path: str | Path, check_files: bool = True) -> ServerSite:
@@ -170,12 +169,13 @@ def load_server_site(path: str | Path, check_files: bool = True) -> ServerSite:
         ``check_files``; only the server's own files are checked).
     """
     file = _manifest_file(path)
-    if read_manifest(file).get("format") == FORMAT:
-        fed = Federation.load(file, check_files=False)
+    manifest, text = read_manifest_text(file)
+    if manifest.get("format") == FORMAT:
+        fed = _federation(manifest, file)
         site = ServerSite(file, fed.class_names, fed.domains, fed.server_domain, fed.num_clients, fed.server_records(),
-                          fed.test_records(), federation_id(file.read_text(encoding="utf-8")), deployed=False, federation=fed)
+                          fed.test_records(), federation_id(text), deployed=False, federation=fed)
     else:
-        m = _read_site(file, SERVER_SITE)
+        m = _check_site(manifest, file, SERVER_SITE)
         root = file.parent
         site = ServerSite(file, list(m["class_names"]), list(m["domains"]), m["server_domain"], m["num_clients"],
                           [_record(root, e, e["labels"], m["server_domain"]) for e in m["images"]],
@@ -204,17 +204,17 @@ def load_client_site(path: str | Path, partition_id: int | None = None, check_fi
         As :func:`load_server_site`; also a partition id that does not match the site manifest.
     """
     file = _manifest_file(path)
-    if read_manifest(file).get("format") == FORMAT:
+    manifest, text = read_manifest_text(file)
+    if manifest.get("format") == FORMAT:
         if partition_id is None:
             raise FederationError(f"{file}: a federation manifest holds every client; the node needs a partition-id")
-        fed = Federation.load(file, check_files=False)
+        fed = _federation(manifest, file)
         domain = fed.client_domain(partition_id)
         site = ClientSite(file, int(partition_id), fed.class_names, domain, fed.client_images(partition_id),
-                          fed.client_hidden_records(partition_id), fed.test_records(domain)[domain],
-                          federation_id(file.read_text(encoding="utf-8")),
+                          fed.client_hidden_records(partition_id), fed.test_records(domain)[domain], federation_id(text),
                           deployed=False)
     else:
-        m = _read_site(file, "client")
+        m = _check_site(manifest, file, "client")
         if partition_id is not None and int(partition_id) != m["partition_id"]:
             raise FederationError(f"{file}: site {m['site']!r} is partition {m['partition_id']}, but the node config "
                                   f"says partition-id={partition_id}")

@@ -109,16 +109,24 @@ class LogFollower:
                     console.print(line.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_process_group(self.proc)
         self.thread.join(5)
+
+
+def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+    """Send ``sig`` to the process group ``proc`` leads (started with ``start_new_session``); SIGKILL
+    it if ``proc`` is still alive after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def wait_for_run(run_id: int, run_dir: Path, connection: str, env: Mapping[str, str], timeout: float | None,

@@ -179,15 +179,12 @@ class FederatedRun:
             self._prepare()
         except Exception as exc:
             if self.run_dir is not None:
-                self.run_dir.write_result("failed", reason=f"setup: {exc}", failures=self.state.failures,
-                                          site_failures=self.state.site_failures)
+                self.run_dir.write_result("failed", reason=f"setup: {exc}", **self._failure_record())
             raise
         try:
             return self._run_steps()
         except Exception as exc:
-            self.run_dir.write_result("failed", reason=str(exc), failures=self.state.failures,
-                                      failures_by_step=self.state.failures_by_step, rejections=self.state.rejections,
-                                      failure_reasons=self.state.failure_reasons, site_failures=self.state.site_failures, last_step=self.state.step)
+            self.run_dir.write_result("failed", reason=str(exc), last_step=self.state.step, **self._failure_record())
             self.run_dir.write_progress(self.state.step, len(self.plan.steps), "failed", status="failed")
             self.say(f"run failed: {exc}", style="bold red")
             raise
@@ -215,6 +212,12 @@ class FederatedRun:
                 self._run_step(step)
                 bar.update(task, completed=step.index, description=f"{cfg.method}: {step.label}")
         return self._finish()
+
+    def _failure_record(self) -> dict:
+        """What ``result.json`` says about failures, whichever way the run ends."""
+        st = self.state
+        return {"failures": st.failures, "failures_by_step": st.failures_by_step, "rejections": st.rejections,
+                "failure_reasons": st.failure_reasons, "site_failures": st.site_failures}
 
     def _query_config(self) -> dict:
         return {"federation": str(self.manifest), "model": self.cfg.model}
@@ -454,10 +457,8 @@ class FederatedRun:
         model_path = export_ultralytics(self.model, self.run_dir.path / rd.MODEL,
                                         {"imgsz": cfg.imgsz, "method": cfg.method, "strategy": cfg.strategy, "seed": cfg.seed})
         result = self.run_dir.write_result(
-            "completed", method=cfg.method, strategy=cfg.strategy, steps=len(self.plan.steps), failures=self.state.failures,
-            failures_by_step=self.state.failures_by_step, rejections=self.state.rejections,
-            failure_reasons=self.state.failure_reasons,
-            site_failures=self.state.site_failures, sites=self.state.last_sites, final=final, best_map50=self.state.best_map50,
+            "completed", method=cfg.method, strategy=cfg.strategy, steps=len(self.plan.steps), **self._failure_record(),
+            sites=self.state.last_sites, final=final, best_map50=self.state.best_map50,
             best_step=self.state.best_step, elapsed_seconds=self.state.elapsed, model=str(model_path))
         try:
             write_run_report(self.run_dir.path)

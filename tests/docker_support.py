@@ -250,12 +250,6 @@ def ensure_extra_ca(notes: list[str]) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def json_payload(text: str) -> dict:
     """The JSON object in a flwr ``--format json`` output (which may carry lines before it)."""
     return json.loads(text[text.index("{"):])

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
+from server.superlink import descendants
 from topology import ROOT, ProcessTopology, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -101,9 +102,15 @@ def test_a_deployed_run_completes_and_names_the_site_without_data(topology):
           f"Total mAP50 {result['final']['Total']['map50']:.3f}")
 
 
-def serverapp_processes(topo: ProcessTopology) -> list[psutil.Process]:
-    parent = psutil.Process(topo.components["serverapp"].proc.pid)
-    return [p for p in parent.children(recursive=True) if any("flwr-serverapp" in a for a in p.cmdline())]
+def serverapp_processes(topo: ProcessTopology) -> list[int]:
+    """Pids of the ``flwr-serverapp`` processes the ServerApp's SuperExec started."""
+    def cmdline(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return ""
+
+    return [pid for pid in descendants(topo.components["serverapp"].proc.pid) if "flwr-serverapp" in cmdline(pid)]
 
 
 def test_a_killed_serverapp_resumes_from_its_checkpoint_to_the_same_result(topology):
@@ -111,7 +118,7 @@ def test_a_killed_serverapp_resumes_from_its_checkpoint_to_the_same_result(topol
     run_id = topology.submit(topology.run_config(PRESET, output_dir="resumed"))
     topology.wait_for_progress("resumed", 5, RUN_TIMEOUT)  # warm-up, teacher check and round 1 checkpointed
     (app,) = serverapp_processes(topology)
-    app.send_signal(signal.SIGKILL)
+    os.kill(app, signal.SIGKILL)
     topology.flwr("stop", str(run_id), "topology", check=False)
     killed = topology.wait(run_id, 300)
     assert killed["status"] != "finished:completed", killed

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import tomli_w
 
+from server.flwr_cli import stop_process_group
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONNECTION = "topology"
@@ -90,16 +92,8 @@ class Component:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the process group (a SuperExec's app processes die with it)."""
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process_group(self.proc, sig, grace=20.0)
 
     def stop(self) -> None:
         self.restart_on_failure = False
