@@ -122,6 +122,17 @@ def batches_per_epoch(n_items: int, batch_size: int) -> int:
     return max(1, n_items // batch_size)
 
 
+def add_per_image_penalty(detection_loss: torch.Tensor, penalty: torch.Tensor, images: int) -> torch.Tensor:
+    """``detection_loss + images * penalty``: a regulariser weighted per image, like the detection loss.
+
+    Ultralytics' ``v8DetectionLoss`` returns its per-image mean loss multiplied by the number of
+    images in the batch, so a penalty added once would weigh ``batch``-times less at batch 64 than
+    at batch 1. Scaling it by the same count makes a coefficient (``ortho-lambda``) mean the same at
+    every batch size: it is relative to the detection loss of one image.
+    """
+    return detection_loss + images * penalty
+
+
 def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
               make_batch: Callable[[np.ndarray, int], tuple[dict, dict[str, float]]],
               loss_fn: Callable, regulariser: Callable[[], torch.Tensor] | None = None,
@@ -131,7 +142,8 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
 
     ``make_batch(indices, step)`` returns the model batch (Ultralytics' format), or None when the
     step has nothing to learn from (counted as ``steps_skipped``), and per-batch counters to sum;
-    ``loss_fn(preds, batch)`` returns ``(loss, loss_items)``; ``on_step_end`` runs after each
+    ``loss_fn(preds, batch)`` returns ``(loss, loss_items)``; ``regulariser()`` returns a per-image
+    penalty, added once per image of the batch (:func:`add_per_image_penalty`); ``on_step_end`` runs after each
     optimiser step (the EMA teacher's update); ``loss_hook`` (a strategy's local term, see
     :mod:`detection.loss_hooks`) adds to the loss and runs its own work after the step. Returns the
     stats and the optimiser's state.
@@ -170,7 +182,7 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
             loss = loss.sum()
             if regulariser is not None:
                 reg = regulariser()
-                loss = loss + reg
+                loss = add_per_image_penalty(loss, reg, batch["img"].shape[0])
                 items = {**items, "ortho": reg.detach()}
             if loss_hook is not None:
                 context = LossContext(model, batch, preds, step, tap, recorder)
@@ -245,7 +257,8 @@ def train_labelled(model: torch.nn.Module, records: Sequence[ImageRecord], cfg: 
     optimizer_state : mapping, optional
         State of a previous call's optimiser (momentum); fresh optimiser when None.
     regulariser : callable, optional
-        Returns a differentiable scalar added to the loss (e.g. the orthogonality term).
+        Returns a differentiable per-image penalty (e.g. the orthogonality term), added once per
+        image of each batch, as Ultralytics' detection loss is.
     cache : LetterboxCache, optional
         Reuse letterboxed images across calls.
     seed_parts : iterable of int

@@ -155,7 +155,7 @@ class RoundInstructions(ClientKnobs):
     upload : tuple of str
         Groups whose tensors the client uploads.
     ortho_lambda : float
-        Orthogonality coefficient on neck and head this round (0: off, e.g. in phase 1).
+        Orthogonality coefficient on neck and head this round, per image (0: off, e.g. in phase 1).
     evaluate_personal : bool
         Evaluate the locally trained model on the client's own domain after training.
     federation : str

@@ -82,3 +82,48 @@ def test_fixed_dfl_conv_is_not_regularised_and_bad_form_refused():
     assert all(c.weight.requires_grad for c in reg.convs)
     with pytest.raises(ValueError, match="form"):
         OrthogonalityRegulariser(model, form="frobenius")
+
+
+def _update_norms(batch_images: int) -> tuple[float, float]:
+    """Norms of one SGD step's parameter change from the detection loss alone and from the regulariser
+    alone, as the training loop weighs them (lr 1, no clipping: the first Nesterov step is 1.5x the gradient)."""
+    import copy
+
+    import numpy as np
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    from detection.images import to_model_batch
+    from detection.train import TrainConfig, run_steps
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(16)]
+    classes = [np.array([0.0, 1.0]) for _ in images]
+    # Large boxes: at initialisation they overlap the predictions enough that Ultralytics' target-score
+    # sum exceeds 1; below 1 it is clamped and the "per-image mean" loss becomes a sum over images.
+    boxes = [np.array([[0.5, 0.5, 0.8, 0.8], [0.4, 0.5, 0.6, 0.7]], np.float32) for _ in images]
+    repeat = batch_images // len(images)  # the same 16 images k times: the per-image loss is unchanged
+    torch.manual_seed(0)
+    base = build_model("yolo11n.yaml", 2)
+    cfg = TrainConfig(imgsz=64, batch_size=batch_images, lr=1.0, momentum=0.5, weight_decay=0.0, max_steps=1,
+                      grad_clip=0.0, augment="none")
+
+    def step(regulariser, detection: bool):
+        model = copy.deepcopy(base)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        loss_fn = v8DetectionLoss(model)
+        if not detection:  # the regulariser's share alone: a detection loss with no gradient
+            loss_fn = (lambda fn: lambda preds, batch: (fn(preds, batch)[0].detach() * 0, {}))(loss_fn)
+        make_batch = lambda indices, s: (to_model_batch(images * repeat, classes * repeat, boxes * repeat), {})
+        reg = OrthogonalityRegulariser(model, coefficient=1e-3, seed=0) if regulariser else None
+        run_steps(model, batch_images, cfg, make_batch, loss_fn, reg)
+        return torch.cat([(before[n] - p.detach()).flatten() for n, p in model.named_parameters()]).norm().item()
+
+    return step(False, True), step(True, False)
+
+
+def test_regulariser_weighs_the_same_against_the_detection_loss_at_batch_16_and_64():
+    det16, reg16 = _update_norms(16)
+    det64, reg64 = _update_norms(64)
+    assert det64 == pytest.approx(4 * det16, rel=1e-3)  # Ultralytics' loss is a sum over images
+    assert reg16 > 0 and reg64 > 0
+    assert reg64 / det64 == pytest.approx(reg16 / det16, rel=1e-3)
