@@ -110,7 +110,7 @@ def semi_config(ins: RoundInstructions, device: str) -> SemiConfig:
     """Pseudo-label training settings for one round from the instructions."""
     train = TrainConfig(imgsz=ins.imgsz, batch_size=ins.batch_size, lr=ins.lr, momentum=ins.momentum,
                         weight_decay=ins.weight_decay, epochs=ins.local_epochs, trainable=tuple(ins.trainable),
-                        seed=ins.seed, device=device, progress=False, description=f"round {ins.server_round}")
+                        scale=ins.augment_scale, translate=ins.augment_translate, seed=ins.seed, device=device, progress=False, description=f"round {ins.server_round}")
     return SemiConfig(train=train, ema_decay=ins.ema_decay, tau_low=ins.tau_low, tau_high=ins.tau_high,
                       nms_conf=ins.nms_conf, nms_iou=ins.nms_iou, pseudo_mode=ins.pseudo_mode,
                       min_reliable_boxes=ins.min_reliable_boxes)
@@ -156,7 +156,7 @@ def teacher_check(model: torch.nn.Module, site: ClientSite, ins: RoundInstructio
     images = site.images[:max_images] if max_images else site.images
     cache = site_cache(site, ins.imgsz)
     records = site.hidden[:len(images)] if site.hidden is not None else [ImageRecord.from_labels(p, [], site.domain) for p in images]
-    preds = predict_records(model, records, ins.imgsz, nms=NmsConfig(conf=ins.nms_conf, iou=ins.nms_iou),
+    preds = predict_records(model, records, ins.imgsz, nms=NmsConfig(conf=ins.nms_conf, iou=ins.nms_iou, multi_label=False),
                             cache=cache, device=device)
     sums: dict[str, float] = {}
     for record, det in zip(records, preds):

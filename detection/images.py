@@ -1,13 +1,18 @@
-"""Reading images into fixed-size letterboxed arrays and batching them for the model.
+"""Reading images into letterboxed arrays and batching them for the model.
 
-Every image is read once, letterboxed to ``imgsz x imgsz`` (long side scaled to ``imgsz``, grey
-padding), and kept in memory as ``uint8``: at the 128-320 px sizes used for CPU training this is
-small, and it keeps the training loop free of disk and resize work. Boxes stay YOLO-normalised,
-relative to the letterboxed image.
+Every image is read once, its long side scaled to ``imgsz``, padded with grey, and kept in memory
+as ``uint8``: at the 128-320 px sizes used for CPU training this is small, and it keeps the
+training loop free of disk and resize work. Boxes stay YOLO-normalised, relative to the canvas.
+
+Two canvases: training pads to an ``imgsz x imgsz`` square; evaluation pads as Ultralytics'
+``val()`` does at its defaults (``rect=True``, ``pad=0.5``): each side rounded up to a multiple of
+the stride after adding half a stride, so a 160 px square image sits in a 192 px canvas. Scoring
+on the same canvas as ``val()`` is what makes our mAP and Ultralytics' agree.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +21,8 @@ import numpy as np
 import torch
 
 PAD_VALUE = 114  # Ultralytics' letterbox grey
+STRIDE = 32  # the detector's largest stride
+VAL_RECT_PAD = 0.5  # Ultralytics' validation padding, in strides
 
 
 class ImageReadError(ValueError):
@@ -33,52 +40,90 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def letterbox(image: np.ndarray, imgsz: int) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """Scale the long side to ``imgsz`` and pad to a square; returns (image, scale, (pad_x, pad_y))."""
+def canvas_shape(h: int, w: int, imgsz: int, rect_pad: float | None = None) -> tuple[int, int]:
+    """``(height, width)`` of the canvas an ``h x w`` image is letterboxed into.
+
+    ``rect_pad`` None: the ``imgsz`` square (training). A number: Ultralytics' rectangular
+    validation shape for this aspect ratio, ``ceil(side * imgsz / STRIDE + rect_pad) * STRIDE``
+    with the long side counted as 1 (``val()`` computes it per batch of images sorted by aspect
+    ratio; for images of one aspect ratio, the usual case, the two are the same).
+    """
+    if rect_pad is None:
+        return imgsz, imgsz
+    long = max(h, w)
+    return tuple(int(math.ceil(side / long * imgsz / STRIDE + rect_pad)) * STRIDE for side in (h, w))
+
+
+def letterbox(image: np.ndarray, imgsz: int, rect_pad: float | None = None) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Scale the long side to ``imgsz`` and pad to the canvas (see :func:`canvas_shape`), centred.
+
+    Returns (image, scale, (pad_x, pad_y)).
+    """
     h, w = image.shape[:2]
     scale = imgsz / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     if (nh, nw) != (h, w):
         image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    pad_y, pad_x = (imgsz - nh) // 2, (imgsz - nw) // 2
-    out = np.full((imgsz, imgsz, 3), PAD_VALUE, np.uint8)
+    ch, cw = canvas_shape(h, w, imgsz, rect_pad)
+    pad_y, pad_x = (ch - nh) // 2, (cw - nw) // 2
+    out = np.full((ch, cw, 3), PAD_VALUE, np.uint8)
     out[pad_y:pad_y + nh, pad_x:pad_x + nw] = image
     return out, scale, (pad_x, pad_y)
 
 
 def letterbox_boxes(boxes: np.ndarray, shape: tuple[int, int], scale: float, pad: tuple[int, int],
-                    imgsz: int) -> np.ndarray:
-    """Map normalised ``xywh`` boxes of an ``(h, w)`` image to the normalised letterboxed frame."""
+                    canvas: tuple[int, int]) -> np.ndarray:
+    """Map normalised ``xywh`` boxes of an ``(h, w)`` image to the normalised ``(height, width)`` canvas."""
     h, w = shape
+    ch, cw = canvas
     out = boxes.astype(np.float32).copy()
-    out[:, 0] = (out[:, 0] * w * scale + pad[0]) / imgsz
-    out[:, 1] = (out[:, 1] * h * scale + pad[1]) / imgsz
-    out[:, 2] = out[:, 2] * w * scale / imgsz
-    out[:, 3] = out[:, 3] * h * scale / imgsz
+    out[:, 0] = (out[:, 0] * w * scale + pad[0]) / cw
+    out[:, 1] = (out[:, 1] * h * scale + pad[1]) / ch
+    out[:, 2] = out[:, 2] * w * scale / cw
+    out[:, 3] = out[:, 3] * h * scale / ch
     return out
 
 
 class LetterboxCache:
-    """Letterboxed images by path, read on first use (the training loop never touches the disk again)."""
+    """Letterboxed images by path, read on first use (the training loop never touches the disk again).
 
-    def __init__(self, imgsz: int):
+    Parameters
+    ----------
+    imgsz : int
+        The long side of every image.
+    rect_pad : float, optional
+        None: square ``imgsz`` canvases (training). :data:`VAL_RECT_PAD`: Ultralytics' validation
+        canvases (see :func:`canvas_shape`; :func:`evaluation_cache`).
+    """
+
+    def __init__(self, imgsz: int, rect_pad: float | None = None):
         self.imgsz = int(imgsz)
+        self.rect_pad = rect_pad
         self._images: dict[str, tuple[np.ndarray, tuple[int, int], float, tuple[int, int]]] = {}
 
     def get(self, path: str) -> np.ndarray:
         return self._entry(path)[0]
 
+    def canvas(self, path: str) -> tuple[int, int]:
+        """``(height, width)`` of the letterboxed image of ``path``."""
+        return self._entry(path)[0].shape[:2]
+
     def boxes(self, path: str, boxes: np.ndarray) -> np.ndarray:
         """Boxes of ``path`` (normalised to the original image) in the letterboxed frame."""
-        _, shape, scale, pad = self._entry(path)
-        return letterbox_boxes(boxes, shape, scale, pad, self.imgsz)
+        image, shape, scale, pad = self._entry(path)
+        return letterbox_boxes(boxes, shape, scale, pad, image.shape[:2])
 
     def _entry(self, path: str):
         if path not in self._images:
             image = read_rgb(path)
-            boxed, scale, pad = letterbox(image, self.imgsz)
+            boxed, scale, pad = letterbox(image, self.imgsz, self.rect_pad)
             self._images[path] = (boxed, image.shape[:2], scale, pad)
         return self._images[path]
+
+
+def evaluation_cache(imgsz: int) -> LetterboxCache:
+    """Letterboxed images on Ultralytics' validation canvases (what every mAP in the project uses)."""
+    return LetterboxCache(imgsz, VAL_RECT_PAD)
 
 
 def to_model_batch(images: Sequence[np.ndarray], classes: Sequence[np.ndarray] | None = None,

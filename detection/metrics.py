@@ -2,6 +2,10 @@
 
 Predictions and ground truth are compared in the letterboxed frame: letterboxing is a uniform
 scale plus a shift, which leaves IoU unchanged, so no mapping back to the original image is needed.
+Evaluation reproduces Ultralytics' ``val()`` at its defaults: the same canvas (rectangular, half a
+stride of padding, :func:`detection.images.evaluation_cache`), the same NMS (conf 0.001, IoU 0.7,
+300 boxes, several labels per box) and the same AP code, so ``YOLO(model.pt).val(imgsz=...)``
+reports the same mAP50 per domain (``tests/test_ultralytics_val.py``).
 ``Total`` is the unweighted mean over domains, the server's domain included (as in the paper).
 """
 
@@ -19,7 +23,7 @@ from ultralytics.utils.metrics import ap_per_class, box_iou
 from ultralytics.utils.nms import non_max_suppression
 from ultralytics.utils.ops import xywh2xyxy
 
-from detection.images import LetterboxCache, to_model_batch
+from detection.images import VAL_RECT_PAD, LetterboxCache, evaluation_cache, to_model_batch
 from detection.records import ImageRecord
 
 IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
@@ -27,11 +31,16 @@ IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)
 
 @dataclass
 class NmsConfig:
-    """Post-processing of raw head outputs (Ultralytics' validation defaults)."""
+    """Post-processing of raw head outputs (defaults: Ultralytics' validation).
+
+    ``multi_label`` keeps every class above ``conf`` for a box, as ``val()`` does; pseudo labels
+    use one class per box (False).
+    """
 
     conf: float = 0.001
     iou: float = 0.7
     max_det: int = 300
+    multi_label: bool = True
 
 
 class _Matcher:
@@ -83,7 +92,8 @@ class DetectionStats:
 def postprocess(raw: torch.Tensor, nms: NmsConfig) -> list[np.ndarray]:
     """Ultralytics NMS on raw eval-mode outputs; rows ``x1, y1, x2, y2, conf, cls`` per image."""
     # A generous time limit: a truncated NMS would make results depend on machine speed.
-    out = non_max_suppression(raw, nms.conf, nms.iou, max_det=nms.max_det, max_time_img=10.0)
+    out = non_max_suppression(raw, nms.conf, nms.iou, max_det=nms.max_det, multi_label=nms.multi_label,
+                              max_time_img=10.0)
     return [o.detach().cpu().numpy().astype(np.float64) for o in out]
 
 
@@ -91,18 +101,26 @@ def postprocess(raw: torch.Tensor, nms: NmsConfig) -> list[np.ndarray]:
 def predict_records(model: torch.nn.Module, records: Sequence[ImageRecord], imgsz: int, batch_size: int = 32,
                     nms: NmsConfig | None = None, cache: LetterboxCache | None = None,
                     device: str | torch.device = "cpu") -> list[np.ndarray]:
-    """Detections (letterboxed pixel ``xyxy``, conf, cls) for each record, in order."""
+    """Detections (letterboxed pixel ``xyxy``, conf, cls) for each record, in order.
+
+    Consecutive records on canvases of one shape share a batch (``cache`` decides the canvas).
+    """
     nms = nms or NmsConfig()
-    cache = cache or LetterboxCache(imgsz)
+    cache = cache or evaluation_cache(imgsz)
     was_training = model.training
     model.eval()
     preds: list[np.ndarray] = []
     try:
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            batch = to_model_batch([cache.get(r.path) for r in chunk], device=device)
+        start = 0
+        while start < len(records):
+            shape = cache.canvas(records[start].path)
+            end = start + 1
+            while end < min(len(records), start + batch_size) and cache.canvas(records[end].path) == shape:
+                end += 1
+            batch = to_model_batch([cache.get(r.path) for r in records[start:end]], device=device)
             raw = model(batch["img"])
             preds.extend(postprocess(raw[0] if isinstance(raw, (tuple, list)) else raw, nms))
+            start = end
     finally:
         model.train(was_training)
     return preds
@@ -111,14 +129,17 @@ def predict_records(model: torch.nn.Module, records: Sequence[ImageRecord], imgs
 def gt_xyxy_pixels(record: ImageRecord, cache: LetterboxCache) -> np.ndarray:
     """Ground-truth boxes of a record as letterboxed pixel ``xyxy``."""
     boxes = cache.boxes(record.path, record.boxes)
-    return xywh2xyxy(boxes * cache.imgsz) if len(boxes) else np.zeros((0, 4), np.float32)
+    h, w = cache.canvas(record.path)
+    return xywh2xyxy(boxes * np.array([w, h, w, h], np.float32)) if len(boxes) else np.zeros((0, 4), np.float32)
 
 
 def evaluate_records(model: torch.nn.Module, records: Sequence[ImageRecord], imgsz: int, batch_size: int = 32,
                      nms: NmsConfig | None = None, cache: LetterboxCache | None = None,
                      device: str | torch.device = "cpu") -> dict[str, float]:
-    """mAP50 / mAP50-95 of a model on labelled records."""
-    cache = cache or LetterboxCache(imgsz)
+    """mAP50 / mAP50-95 of a model on labelled records, as Ultralytics' ``val()`` computes them."""
+    cache = cache or evaluation_cache(imgsz)
+    if cache.rect_pad != VAL_RECT_PAD:
+        raise ValueError("evaluate_records: the cache must be an evaluation_cache (Ultralytics' validation canvas)")
     preds = predict_records(model, records, imgsz, batch_size, nms, cache, device)
     stats = DetectionStats()
     for record, pred in zip(records, preds):
@@ -134,7 +155,7 @@ def evaluate_domains(model: torch.nn.Module, records_by_domain: Mapping[str, Seq
     """Per-domain metrics plus ``Total``: the unweighted mean of each metric over the domains."""
     results: dict[str, dict[str, float]] = {}
     for domain, records in records_by_domain.items():
-        cache = caches.setdefault(domain, LetterboxCache(imgsz)) if caches is not None else None
+        cache = caches.setdefault(domain, evaluation_cache(imgsz)) if caches is not None else None
         results[domain] = evaluate_records(model, records, imgsz, batch_size, nms, cache, device)
     results["Total"] = total_row(results)
     return results

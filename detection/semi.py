@@ -123,11 +123,11 @@ def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: Se
         teacher.decay, teacher.ramp = decay, cfg.ema_ramp
     teacher.reset(model)
     teacher.model.to(tc.device)
-    weak, strong = weak_view(), strong_view()
-    nms = NmsConfig(conf=cfg.nms_conf, iou=cfg.nms_iou, max_det=300)
+    weak, strong = weak_view(), strong_view(tc.scale, tc.translate)
+    nms = NmsConfig(conf=cfg.nms_conf, iou=cfg.nms_iou, max_det=300, multi_label=False)
     loss_fn = PseudoLabelLoss(model.to(tc.device), cfg.pseudo_mode)
     empty = np.zeros((0, 4), np.float32)
-    labelled_view = augment_view(cfg.labelled_augment)
+    labelled_view = augment_view(cfg.labelled_augment, tc.scale, tc.translate)
 
     def make_batch(indices: np.ndarray, step: int):
         weak_images, gts = [], []

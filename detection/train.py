@@ -23,7 +23,7 @@ from detection.loss_hooks import HeadTap, LossContext, LossHook, record_assignme
 from detection.model import GROUPS, set_trainable_groups
 from detection.records import ImageRecord
 from detection.seeds import derive_seed
-from detection.views import apply_view, strong_view, supervised_view, weak_view
+from detection.views import SCALE, TRANSLATE, apply_view, strong_view, supervised_view, weak_view
 
 
 @dataclass
@@ -45,7 +45,11 @@ class TrainConfig:
     trainable : tuple of str
         Parameter groups that train; the others are frozen with BatchNorm in eval mode.
     augment : str
-        ``standard`` (flip + Ultralytics' HSV jitter), ``weak`` (flip), ``strong`` (the student's view) or ``none``.
+        ``standard`` (flip, Ultralytics' HSV jitter, scale and translation), ``weak`` (flip),
+        ``strong`` (the student's view) or ``none``.
+    scale, translate : float
+        Zoom ``1 +- scale`` and shift ``+- translate`` of the image size in the ``standard`` and
+        ``strong`` views (Ultralytics' defaults 0.5 and 0.1).
     seed : int
         With ``seed_parts`` of the caller (round, node, ...) fixes shuffling and augmentation.
     grad_clip : float
@@ -66,6 +70,8 @@ class TrainConfig:
     warmup_steps: int = 0
     trainable: tuple[str, ...] = GROUPS
     augment: str = "standard"
+    scale: float = SCALE
+    translate: float = TRANSLATE
     seed: int = 0
     grad_clip: float = 10.0
     device: str = "cpu"
@@ -214,14 +220,15 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
     return stats, optimizer.state_dict()
 
 
-AUGMENTS = {"standard": supervised_view, "weak": weak_view, "strong": strong_view, "none": lambda: None}
+AUGMENTS = {"standard": supervised_view, "weak": lambda scale, translate: weak_view(), "strong": strong_view,
+            "none": lambda scale, translate: None}
 
 
-def augment_view(name: str):
+def augment_view(name: str, scale: float = SCALE, translate: float = TRANSLATE):
     """The view an ``augment`` name stands for (None for ``none``)."""
     if name not in AUGMENTS:
         raise ValueError(f"augment={name!r}: expected one of {', '.join(AUGMENTS)}")
-    return AUGMENTS[name]()
+    return AUGMENTS[name](scale, translate)
 
 
 def labelled_views(records: Sequence[ImageRecord], indices: Iterable[int], cache: LetterboxCache, view,
@@ -275,7 +282,7 @@ def train_labelled(model: torch.nn.Module, records: Sequence[ImageRecord], cfg: 
         raise ValueError("train_labelled: no labelled images")
     cache = cache if cache is not None and cache.imgsz == cfg.imgsz else LetterboxCache(cfg.imgsz)
     seed_parts = tuple(seed_parts)
-    view = augment_view(cfg.augment)
+    view = augment_view(cfg.augment, cfg.scale, cfg.translate)
     loss_fn = v8DetectionLoss(model.to(cfg.device))
 
     def make_batch(indices: np.ndarray, step: int):

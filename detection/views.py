@@ -1,9 +1,12 @@
 """Augmented views: a weak view for the teacher and the supervised loop, a strong view for the student.
 
 The weak view is geometric only (horizontal flip). Labelled training uses the weak view plus
-Ultralytics' default colour jitter. The strong view starts from the weak view and
-adds photometric noise (colour jitter, blur, grayscale, cutout) and a scale jitter, transforming
-the pseudo boxes with it, so the student learns from labels the teacher made on a cleaner image.
+Ultralytics' default colour jitter and its default scale and translation (``scale=0.5``,
+``translate=0.1``): without them a detector learns where the canvas edge is, and loses most of its
+mAP when ``val()`` pads the same image into a larger canvas. The strong view starts from the weak
+view and adds the same scale and translation and photometric noise (colour jitter, blur,
+grayscale, cutout), transforming the pseudo boxes with it, so the student learns from labels the
+teacher made on a cleaner image. Mosaic is not implemented.
 Every random choice comes from a seed derived from (seed, round, node, step, image), so a
 client's local run is reproducible wherever it executes.
 """
@@ -24,18 +27,28 @@ def weak_view() -> A.Compose:
     return A.Compose([A.HorizontalFlip(p=0.5)], bbox_params=_BBOXES)
 
 
-def supervised_view() -> A.Compose:
-    """Flip plus Ultralytics' default HSV jitter (hue 0.015, saturation 0.7, value 0.4): labelled training."""
-    return A.Compose([A.HorizontalFlip(p=0.5),
+# Ultralytics' defaults (``scale``, ``translate`` in its default.yaml).
+SCALE, TRANSLATE = 0.5, 0.1
+
+
+def scale_translate(scale: float = SCALE, translate: float = TRANSLATE) -> A.Affine:
+    """Ultralytics' random affine without rotation or shear: zoom by ``1 +- scale``, shift by ``+- translate``."""
+    return A.Affine(scale=(1 - scale, 1 + scale), translate_percent=(-translate, translate), fill=PAD_VALUE,
+                    border_mode=cv2.BORDER_CONSTANT, p=1.0)
+
+
+def supervised_view(scale: float = SCALE, translate: float = TRANSLATE) -> A.Compose:
+    """Labelled training: flip, Ultralytics' default HSV jitter (hue 0.015, saturation 0.7, value 0.4), scale and translation."""
+    return A.Compose([A.HorizontalFlip(p=0.5), scale_translate(scale, translate),
                       A.ColorJitter(brightness=0.4, contrast=0.0, saturation=0.7, hue=0.015, p=1.0)],
                      bbox_params=_BBOXES)
 
 
-def strong_view(scale_jitter: float = 0.2) -> A.Compose:
-    """Photometric noise plus scale jitter, applied on top of the weak view (the student's input)."""
+def strong_view(scale: float = SCALE, translate: float = TRANSLATE) -> A.Compose:
+    """Scale, translation and photometric noise, applied on top of the weak view (the student's input)."""
     return A.Compose(
         [
-            A.Affine(scale=(1 - scale_jitter, 1 + scale_jitter), fill=PAD_VALUE, border_mode=cv2.BORDER_CONSTANT, p=0.5),
+            scale_translate(scale, translate),
             A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8),
             A.ToGray(p=0.2),
             A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.1, 2.0), p=0.5),

@@ -28,7 +28,9 @@ from strategies.protocol import ClientKnobs
 
 METHODS = ("partial", "full", "ssfl", "fedsto-st", "fedsto")
 # Knobs with a fixed set of values, and where each set is defined.
-CHOICES = {"method": METHODS, "server_augment": AUGMENTS, "pseudo_mode": PSEUDO_MODES, "ortho_form": ORTHO_FORMS}
+SERVER_MOMENTUM = ("carry", "reset")
+CHOICES = {"method": METHODS, "server_augment": AUGMENTS, "pseudo_mode": PSEUDO_MODES, "ortho_form": ORTHO_FORMS,
+           "server_momentum": SERVER_MOMENTUM}
 
 
 class ConfigError(ValueError):
@@ -77,6 +79,10 @@ class RunConfig(ClientKnobs):
         jitter), ``weak`` (flip) or ``none``. YOLOv5, the
         paper's detector, trains with HSV/scale/mosaic augmentation; flip alone gives a teacher
         that sees next to nothing on snowy or foggy images (measured: snowy mAP50 0.015 vs 0.24).
+    server_momentum : str
+        The server's SGD momentum after a client round replaces its weights by the aggregate:
+        ``carry`` it into the next server epoch, or ``reset`` it (momentum built on the old
+        weights points the wrong way for the new ones).
     warmup_epochs : int
         Supervised server epochs before round 1 (paper: 50).
     warmup_lr_steps : int
@@ -143,6 +149,7 @@ class RunConfig(ClientKnobs):
     synthetic_imgsz: int = 160
     weights: str = ""
     server_augment: str = "strong"
+    server_momentum: str = "carry"
     warmup_epochs: int = 50
     warmup_lr_steps: int = 50
     phase1_rounds: int = 100
@@ -240,6 +247,10 @@ class RunConfig(ClientKnobs):
                      "weak_teacher_precision"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 fail(name, "a number in [0, 1]")
+        if not 0.0 <= self.augment_scale < 1.0:
+            fail("augment_scale", "a number in [0, 1)")
+        if not 0.0 <= self.augment_translate <= 0.5:
+            fail("augment_translate", "a number in [0, 0.5]")
         for name in ("ortho_lambda", "weight_decay"):
             if getattr(self, name) < 0:
                 fail(name, "a number >= 0")

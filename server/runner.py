@@ -153,6 +153,7 @@ class FederatedRun:
         self.eval_caches: dict[str, LetterboxCache] = {}
         self.train_config = TrainConfig(imgsz=cfg.imgsz, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                                         weight_decay=cfg.weight_decay, epochs=1, trainable=GROUPS, augment=cfg.server_augment,
+                                        scale=cfg.augment_scale, translate=cfg.augment_translate,
                                         seed=cfg.seed, device=self.device,
                                         progress=cfg.progress and sys.stdout.isatty())
         self.loggers = rd.OptionalLoggers(self.run_dir.path, cfg.tensorboard, cfg.mlflow, self.run_dir.path.name, run_config)
@@ -265,6 +266,8 @@ class FederatedRun:
                 self.state.teacher_checked = True
             row.update(self._client_round(step))
         server = []
+        if step.clients and cfg.server_momentum == "reset":
+            self.optimizer_state = None
         for epoch in range(step.server_epochs):
             reg = None
             if step.orthogonality and cfg.ortho_lambda > 0:

@@ -97,6 +97,9 @@ class ClientKnobs:
         id it seeds each client's RNG.
     imgsz, batch_size, lr, momentum, weight_decay
         Training settings shared by server and clients (paper: SGD, constant lr 0.01).
+    augment_scale, augment_translate : float
+        Zoom ``1 +- scale`` and shift ``+- translate`` in labelled training and the student's
+        strong view (Ultralytics' defaults 0.5 and 0.1; the paper's YOLOv5 trains with them).
     local_epochs : int
         Client epochs per round (paper: 1).
     ema_decay : str
@@ -125,6 +128,8 @@ class ClientKnobs:
     lr: float = TrainConfig.lr
     momentum: float = TrainConfig.momentum
     weight_decay: float = TrainConfig.weight_decay
+    augment_scale: float = TrainConfig.scale
+    augment_translate: float = TrainConfig.translate
     local_epochs: int = TrainConfig.epochs
     ema_decay: str = "0.999"  # the paper's; the engine's default is "auto" (right for short centralised runs)
     tau_low: float = SemiConfig.tau_low

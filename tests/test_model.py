@@ -293,6 +293,7 @@ CHILD = textwrap.dedent(
 
 
 def test_exported_model_predicts_in_a_process_without_the_project(tmp_path, trained_detector):
+    from detection.images import LetterboxCache
     from detection.metrics import NmsConfig, predict_records
 
     model = trained_detector.model()
@@ -306,8 +307,10 @@ def test_exported_model_predicts_in_a_process_without_the_project(tmp_path, trai
     child = json.loads(done.stdout.strip().splitlines()[-1])
     assert child["names"] == {str(i): n for i, n in enumerate(trained_detector.class_names)}
 
-    # Same detections as our own pipeline (a square image at imgsz: no resize, no padding).
-    ours = predict_records(model, [record], trained_detector.imgsz, nms=NmsConfig(conf=0.02, iou=0.7))[0]
+    # Same detections as our own pipeline on the training canvas (a square image at imgsz: no resize,
+    # no padding, as Ultralytics' predictor letterboxes it) with its one label per box.
+    ours = predict_records(model, [record], trained_detector.imgsz, nms=NmsConfig(conf=0.02, iou=0.7, multi_label=False),
+                           cache=LetterboxCache(trained_detector.imgsz))[0]
     ours[:, :4] = ours[:, :4].clip(0, trained_detector.imgsz)  # Ultralytics' predictor clips boxes to the image
     confident = [i for i, c in enumerate(child["conf"]) if c > 0.1]
     assert confident, f"the trained detector should find something in {record.path}: {child}"
