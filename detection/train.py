@@ -26,6 +26,12 @@ from detection.seeds import derive_seed
 from detection.views import SCALE, TRANSLATE, apply_view, strong_view, supervised_view, weak_view
 
 
+# Raise whenever a change to the training code changes what a training call does with the same
+# settings (augmentation, loss weighting, batching...): cached warm-ups of older versions are then
+# not reused (server/warmup_cache.py). 2: scale/translate augmentation, per-image regulariser.
+RECIPE_VERSION = 2
+
+
 @dataclass
 class TrainConfig:
     """Settings of one local training call.

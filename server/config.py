@@ -87,6 +87,9 @@ class RunConfig(ClientKnobs):
         Supervised server epochs before round 1 (paper: 50).
     warmup_lr_steps : int
         Linear learning-rate ramp over the first optimiser steps of the warm-up (from scratch).
+    warmup_cache : bool
+        Reuse a warm-up trained by an earlier run with the same key, and store the one trained
+        here (``$FEDSTO_HOME/warmups``; see :mod:`server.warmup_cache`).
     phase1_rounds, phase2_rounds : int
         Rounds of selective backbone training and of full-parameter training with the
         orthogonality regulariser (paper: 100 and 150). ``ssfl``, ``partial`` and ``full`` run
@@ -152,6 +155,7 @@ class RunConfig(ClientKnobs):
     server_momentum: str = "carry"
     warmup_epochs: int = 50
     warmup_lr_steps: int = 50
+    warmup_cache: bool = True
     phase1_rounds: int = 100
     phase2_rounds: int = 150
     server_epochs: int = 1

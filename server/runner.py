@@ -38,6 +38,7 @@ from detection.orthogonality import OrthogonalityRegulariser
 from detection.seeds import derive_seed
 from detection.tables import print_table
 from detection.train import TrainConfig, train_labelled
+from detection.ultralytics_env import fedsto_home
 from server import rundir as rd
 from server.config import RunConfig
 from server.plan import Plan, Step, build_plan
@@ -46,6 +47,7 @@ from server.rounds import (RoundReplies, classify_replies, mean_losses, personal
                            reply_metrics, required_replies, site_summary)
 from server.sampling import Discovery, discover_partitions, query_partitions, sample_partitions
 from server.state import ServerState, checkpoint_payload, restore_checkpoint
+from server.warmup_cache import WarmupCache, warmup_key
 from server.teacher_check import TeacherThresholds, summarise_teacher_check
 from strategies import FederatedStrategy, StrategyError, get_strategy, protocol, transport
 from strategies.base import RoundContext, split_extra, with_extra
@@ -156,6 +158,12 @@ class FederatedRun:
                                         scale=cfg.augment_scale, translate=cfg.augment_translate,
                                         seed=cfg.seed, device=self.device,
                                         progress=cfg.progress and sys.stdout.isatty())
+        self.warmup_cache, self.warmup_key, self.warmup_reused = None, None, False
+        if cfg.warmup_cache and self.plan.warmup_epochs:
+            changes_server_loss = type(self.strategy).server_loss is not FederatedStrategy.server_loss
+            self.warmup_key, self.warmup_parts = warmup_key(cfg, self.manifest, self.plan.labels, self.device,
+                                                            self.strategy.describe() if changes_server_loss else "")
+            self.warmup_cache = WarmupCache(fedsto_home() / "warmups")
         self.loggers = rd.OptionalLoggers(self.run_dir.path, cfg.tensorboard, cfg.mlflow, self.run_dir.path.name, run_config)
         for note in self.loggers.notes:
             self.say(note)
@@ -196,6 +204,8 @@ class FederatedRun:
 
     def _run_steps(self) -> dict:
         cfg, plan = self.cfg, self.plan
+        if self.state.step == 0 and self.warmup_cache is not None:
+            self._reuse_warmup()
         remaining = plan.remaining(self.state.step)
         self.say(f"fedsto {cfg.method} ({self.strategy.describe()}) on {self.manifest}: {len(self.labelled)} labelled server images, "
                  f"{self.site.num_clients} clients, domains {', '.join(self.site.domains)}; device {self.device}; "
@@ -213,6 +223,26 @@ class FederatedRun:
                 self._run_step(step)
                 bar.update(task, completed=step.index, description=f"{cfg.method}: {step.label}")
         return self._finish()
+
+    def _reuse_warmup(self) -> None:
+        """Start after the warm-up when the cache holds this run's (as a resume from its last epoch would)."""
+        entry = self.warmup_cache.load(self.warmup_key)
+        if entry is None:
+            return
+        checkpoint = entry["checkpoint"]
+        self.state, self.optimizer_state = restore_checkpoint(self.model, checkpoint)
+        self.strategy.load_state_dict(checkpoint.get("strategy_state") or {})
+        for row in entry["metrics"]:
+            self.run_dir.append_metrics({**row, "method": self.cfg.method, "warmup_cache": self.warmup_key})
+        last = self.plan.steps[self.state.step - 1]
+        self._checkpoint(last, is_best=self.state.best_step == last.index)
+        self.warmup_reused = True
+        self.say(f"warm-up: {self.plan.warmup_epochs} epochs reused from {self.warmup_cache.folder(self.warmup_key)} "
+                 f"(trained {entry['created']} in {entry['seconds']:.0f}s); warmup-cache=false trains it again")
+
+    def _store_warmup(self, checkpoint: dict) -> None:
+        rows = [r for r in self.run_dir.read_metrics() if r.get("kind") == "warmup"]
+        self.warmup_cache.save(self.warmup_key, self.warmup_parts, checkpoint, rows, sum(r["seconds"] for r in rows))
 
     def _failure_record(self) -> dict:
         """What ``result.json`` says about failures, whichever way the run ends."""
@@ -298,7 +328,9 @@ class FederatedRun:
         if "eval" in row and row["eval"]["Total"]["map50"] > self.state.best_map50:
             self.state.best_map50, self.state.best_step, is_best = row["eval"]["Total"]["map50"], step.index, True
         self.state.step = step.index
-        self._checkpoint(step, is_best)
+        checkpoint = self._checkpoint(step, is_best)
+        if self.warmup_cache is not None and step.kind == "warmup" and step.index == self.plan.warmup_epochs:
+            self._store_warmup(checkpoint)
         self.say(self._step_line(step, row))
 
     def _step_line(self, step: Step, row: dict) -> str:
@@ -321,11 +353,12 @@ class FederatedRun:
                                                       for s, m in row["sites"].items()))
         return "; ".join(parts)
 
-    def _checkpoint(self, step: Step, is_best: bool) -> None:
+    def _checkpoint(self, step: Step, is_best: bool) -> dict:
         payload = checkpoint_payload(self.model, self.state, self.optimizer_state, step.index, step.phase_name, step.round,
                                      step.label, self.cfg.to_run_config())
         payload["strategy_state"] = self.strategy.state_dict()
         self.run_dir.save_checkpoint(payload, step.index, is_best)
+        return payload
 
     # -- client rounds ---------------------------------------------------------------------------
 
@@ -462,7 +495,8 @@ class FederatedRun:
         result = self.run_dir.write_result(
             "completed", method=cfg.method, strategy=cfg.strategy, steps=len(self.plan.steps), **self._failure_record(),
             sites=self.state.last_sites, final=final, best_map50=self.state.best_map50,
-            best_step=self.state.best_step, elapsed_seconds=self.state.elapsed, model=str(model_path))
+            best_step=self.state.best_step, elapsed_seconds=self.state.elapsed, model=str(model_path),
+            warmup_cache={"key": self.warmup_key, "reused": self.warmup_reused})
         try:
             write_run_report(self.run_dir.path)
         except Exception as exc:  # noqa: BLE001  (a broken plot must not turn a finished run into a failed one)
