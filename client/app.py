@@ -17,19 +17,27 @@ Where the data is (``client.task.node_partition``): in simulation the node confi
 and reads nothing else. A deployed site has no labels: its replies carry counts, losses and
 weights, plus mAP on its own labelled hold-out if its site manifest declares one (the list of
 what leaves a site is in ``docs/deployment.md``).
+
+Resources: the run's ``device``, ``client-threads`` and ``batch-size`` apply unless the node config
+says otherwise (``device``, ``threads``, ``batch-size``: a site with a smaller GPU). A round that
+runs out of CUDA memory is retried once at half the batch (``oom-retry``); otherwise, or when the
+retry fails too, the reply is an error naming the partition, the batch and the GPU's memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.node_state import NodeStateStore
-from client.task import (build_client_model, evaluate_on_site, finite_metrics, load_site, node_partition, resolve_device,
-                         set_threads, teacher_check, train_round)
+from client.task import (build_client_model, cuda_memory, evaluate_on_site, finite_metrics, load_site, node_partition,
+                         resolve_device, set_threads, teacher_check, train_round, with_node_overrides)
 from detection.model import get_state
 from detection.sites import ClientSite
 from strategies import FederatedStrategy, get_strategy, protocol
@@ -39,10 +47,15 @@ from strategies.transport import packed_arrays_mod
 
 log = logging.getLogger("fedsto.client")
 
+
+class ClientOutOfMemory(RuntimeError):
+    """A round that did not fit the client's GPU (the reply's error names the batch and the memory)."""
+
 app = ClientApp(mods=[packed_arrays_mod])  # weights travel packed: strategies/transport.py
 
 # Metrics every train reply carries, so replies of one round always have the same keys.
-DEFAULT_REPLY_METRICS = ("steps_skipped", "images_skipped", "pseudo_images", "pseudo_reliable", "pseudo_uncertain")
+DEFAULT_REPLY_METRICS = ("steps_skipped", "images_skipped", "pseudo_images", "pseudo_reliable", "pseudo_uncertain",
+                         "oom_batch_size")
 
 
 def _client_site(msg: Message, context: Context) -> ClientSite:
@@ -96,10 +109,10 @@ def query_partition(msg: Message, context: Context) -> Message:
 @app.evaluate("teacher")
 def evaluate_teacher(msg: Message, context: Context) -> Message:
     """Warm-up quality check: pseudo boxes per image of the broadcast model on this client's images."""
-    ins = RoundInstructions.from_config(msg.content[protocol.CONFIG])
+    ins = with_node_overrides(RoundInstructions.from_config(msg.content[protocol.CONFIG]), context.node_config)
     site = _client_site(msg, context)
     set_threads(ins.client_threads)
-    device = resolve_device()
+    device = resolve_device(ins.device)
     _, model, _ = load_broadcast(msg, context, ins, site)
     result = teacher_check(model, site, ins, device)
     result[protocol.PARTITION_ID] = float(site.partition_id)
@@ -112,15 +125,32 @@ def evaluate_teacher(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One local round (see the module docstring)."""
     start = time.perf_counter()
-    ins = RoundInstructions.from_config(msg.content[protocol.CONFIG])
+    ins = with_node_overrides(RoundInstructions.from_config(msg.content[protocol.CONFIG]), context.node_config)
     site = _client_site(msg, context)
     threads = set_threads(ins.client_threads)
-    device = resolve_device()
+    device = resolve_device(ins.device)
     strategy, model, store = load_broadcast(msg, context, ins, site)
     metrics = {k: 0.0 for k in DEFAULT_REPLY_METRICS}
     if ins.evaluate_personal and site.deployed:  # federated evaluation: the broadcast on the site's own hold-out
         metrics.update(evaluate_on_site(model, site, ins.imgsz, "site", device))
-    stats = train_round(model, site, ins, strategy.client_loss(model, ins), device)
+    try:
+        stats = train_round(model, site, ins, strategy.client_loss(model, ins), device)
+    except torch.cuda.OutOfMemoryError:
+        memory = cuda_memory(device)
+        if not (ins.oom_retry and ins.batch_size > 1):
+            raise ClientOutOfMemory(f"partition {site.partition_id}: CUDA out of memory at batch {ins.batch_size} "
+                                    f"on {device}; {memory}") from None
+        log.warning("partition %d: CUDA out of memory at batch %d (%s); retrying at batch %d",
+                    site.partition_id, ins.batch_size, memory, ins.batch_size // 2)
+        torch.cuda.empty_cache()
+        ins = dataclasses.replace(ins, batch_size=ins.batch_size // 2)
+        strategy, model, store = load_broadcast(msg, context, ins, site)  # the failed attempt moved the weights
+        try:
+            stats = train_round(model, site, ins, strategy.client_loss(model, ins), device)
+        except torch.cuda.OutOfMemoryError:
+            raise ClientOutOfMemory(f"partition {site.partition_id}: CUDA out of memory at batch {ins.batch_size * 2} "
+                                    f"and again at {ins.batch_size} on {device}; {cuda_memory(device)}") from None
+        metrics["oom_batch_size"] = float(ins.batch_size)
     store.save(ins.server_round, strategy.client_state(model))
     metrics.update(stats.as_metrics())
     if ins.evaluate_personal:

@@ -10,6 +10,8 @@ partition). What *is* cached per process is read-only: the parsed site
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 from collections.abc import Mapping
 from functools import lru_cache
@@ -80,18 +82,51 @@ def load_site(path: str | os.PathLike, partition_id: int | None) -> ClientSite:
     return _load_site(os.path.abspath(path), partition_id)
 
 
-@lru_cache(maxsize=16)
-def image_cache(manifest: str, pid: int, imgsz: int) -> LetterboxCache:
-    """Letterboxed images of one partition at one size (read-only; reused across rounds)."""
-    return LetterboxCache(imgsz)
+@lru_cache(maxsize=4)
+def image_cache(imgsz: int, max_mb: int) -> LetterboxCache:
+    """This process's letterboxed images at one size, within a byte budget, whichever partitions it serves.
+
+    Paths are unique across partitions, so one cache serves them all; a Ray actor that trains many
+    partitions one after the other holds at most ``max_mb`` of pixels, not every image it ever saw.
+    """
+    return LetterboxCache(imgsz, max_bytes=max_mb * 2**20)
 
 
-def site_cache(site: ClientSite, imgsz: int) -> LetterboxCache:
-    return image_cache(str(site.path), site.partition_id, imgsz)
+def site_cache(ins: RoundInstructions) -> LetterboxCache:
+    return image_cache(ins.imgsz, ins.client_image_cache_mb)
 
 
 def resolve_device(device: str = "auto") -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+# Node config keys that override the run's settings for one node (a site with a smaller GPU, say).
+NODE_OVERRIDES = {"device": ("device", str), "threads": ("client_threads", int), "batch-size": ("batch_size", int)}
+
+
+def with_node_overrides(ins: RoundInstructions, node_config: Mapping) -> RoundInstructions:
+    """The instructions with this node's ``device``, ``threads`` and ``batch-size`` from its node config."""
+    changes = {}
+    for key, (field_name, kind) in NODE_OVERRIDES.items():
+        if key not in node_config:
+            continue
+        value = node_config[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "batch-size" else 0)):
+            raise NodeConfigError(f"node config {key}={value!r}: expected an integer >= {1 if key == 'batch-size' else 0}")
+        if kind is str and not (isinstance(value, str) and value):
+            raise NodeConfigError(f"node config {key}={value!r}: expected a device such as \"cpu\", \"cuda\" or \"cuda:1\"")
+        changes[field_name] = value
+    return dataclasses.replace(ins, **changes) if changes else ins
+
+
+def cuda_memory(device: str) -> str:
+    """Peak and total memory of a CUDA device, for an out-of-memory message ("" elsewhere)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return ""
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    peak, total = torch.cuda.max_memory_allocated(index), torch.cuda.get_device_properties(index).total_memory
+    return f"peak {peak / 2**20:.0f} MiB allocated of {total / 2**20:.0f} MiB on {torch.cuda.get_device_name(index)}"
 
 
 def set_threads(threads: int) -> int:
@@ -101,17 +136,31 @@ def set_threads(threads: int) -> int:
     return n
 
 
+@lru_cache(maxsize=4)
+def _model_template(model_yaml: str, class_names: tuple[str, ...]) -> torch.nn.Module:
+    # Built once per process with its own generator state, so building it draws nothing from
+    # torch's global RNG (which would make a client's numbers depend on which message came first).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_model(model_yaml, len(class_names), list(class_names))
+
+
 def build_client_model(ins: RoundInstructions, site: ClientSite) -> torch.nn.Module:
-    """An empty model of the run's architecture (weights come from the broadcast)."""
-    return build_model(ins.model, len(site.class_names), site.class_names)
+    """A model of the run's architecture (its weights come from the broadcast).
+
+    A copy of a per-process template: parsing the yaml and building the layers for every message
+    costs far more than copying the tensors.
+    """
+    return copy.deepcopy(_model_template(ins.model, tuple(site.class_names)))
 
 
 def semi_config(ins: RoundInstructions, device: str) -> SemiConfig:
     """Pseudo-label training settings for one round from the instructions."""
     train = TrainConfig(imgsz=ins.imgsz, batch_size=ins.batch_size, lr=ins.lr, momentum=ins.momentum,
                         weight_decay=ins.weight_decay, epochs=ins.local_epochs, trainable=tuple(ins.trainable),
-                        scale=ins.augment_scale, translate=ins.augment_translate, seed=ins.seed, device=device, progress=False, description=f"round {ins.server_round}")
-    return SemiConfig(train=train, ema_decay=ins.ema_decay, tau_low=ins.tau_low, tau_high=ins.tau_high,
+                        scale=ins.augment_scale, translate=ins.augment_translate, seed=ins.seed, device=device,
+                        amp=ins.amp, progress=False, description=f"round {ins.server_round}")
+    return SemiConfig(train=train, ema_decay=ins.ema_decay, ema_update=ins.ema_update, tau_low=ins.tau_low, tau_high=ins.tau_high,
                       nms_conf=ins.nms_conf, nms_iou=ins.nms_iou, pseudo_mode=ins.pseudo_mode,
                       min_reliable_boxes=ins.min_reliable_boxes)
 
@@ -129,7 +178,7 @@ def train_round(model: torch.nn.Module, site: ClientSite, ins: RoundInstructions
                                          seed=derive_seed(ins.seed, ins.server_round, site.partition_id, ORTHO_STREAM))
     return train_unlabelled(model, site.images, semi_config(ins, device), regulariser=ortho, loss_hook=loss_hook,
                             hidden_records=site.hidden, seed_parts=(ins.server_round, site.partition_id),
-                            cache=site_cache(site, ins.imgsz))
+                            cache=site_cache(ins))
 
 
 def evaluate_on_site(model: torch.nn.Module, site: ClientSite, imgsz: int, prefix: str, device: str = "cpu") -> dict[str, float]:
@@ -154,7 +203,7 @@ def teacher_check(model: torch.nn.Module, site: ClientSite, ins: RoundInstructio
     labels and reports counts only.
     """
     images = site.images[:max_images] if max_images else site.images
-    cache = site_cache(site, ins.imgsz)
+    cache = site_cache(ins)
     records = site.hidden[:len(images)] if site.hidden is not None else [ImageRecord.from_labels(p, [], site.domain) for p in images]
     preds = predict_records(model, records, ins.imgsz, nms=NmsConfig(conf=ins.nms_conf, iou=ins.nms_iou, multi_label=False),
                             cache=cache, device=device)

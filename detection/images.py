@@ -13,6 +13,7 @@ on the same canvas as ``val()`` is what makes our mAP and Ultralytics' agree.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def letterbox_boxes(boxes: np.ndarray, shape: tuple[int, int], scale: float, pad
 
 
 class LetterboxCache:
-    """Letterboxed images by path, read on first use (the training loop never touches the disk again).
+    """Letterboxed images by path, read on first use and kept up to a byte budget (least recently used go first).
 
     Parameters
     ----------
@@ -94,12 +95,22 @@ class LetterboxCache:
     rect_pad : float, optional
         None: square ``imgsz`` canvases (training). :data:`VAL_RECT_PAD`: Ultralytics' validation
         canvases (see :func:`canvas_shape`; :func:`evaluation_cache`).
+    max_bytes : int, optional
+        Budget for the kept ``uint8`` pixels (None: keep everything). A partition that fits stays
+        in memory, so the training loop never touches the disk again; one that does not is read
+        again as it comes round, and memory stays flat however many partitions a process serves.
     """
 
-    def __init__(self, imgsz: int, rect_pad: float | None = None):
+    def __init__(self, imgsz: int, rect_pad: float | None = None, max_bytes: int | None = None):
         self.imgsz = int(imgsz)
         self.rect_pad = rect_pad
-        self._images: dict[str, tuple[np.ndarray, tuple[int, int], float, tuple[int, int]]] = {}
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.reads = 0
+        self._images: OrderedDict[str, tuple[np.ndarray, tuple[int, int], float, tuple[int, int]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._images)
 
     def get(self, path: str) -> np.ndarray:
         return self._entry(path)[0]
@@ -114,11 +125,20 @@ class LetterboxCache:
         return letterbox_boxes(boxes, shape, scale, pad, image.shape[:2])
 
     def _entry(self, path: str):
-        if path not in self._images:
-            image = read_rgb(path)
-            boxed, scale, pad = letterbox(image, self.imgsz, self.rect_pad)
-            self._images[path] = (boxed, image.shape[:2], scale, pad)
-        return self._images[path]
+        entry = self._images.get(path)
+        if entry is not None:
+            self._images.move_to_end(path)
+            return entry
+        image = read_rgb(path)
+        self.reads += 1
+        boxed, scale, pad = letterbox(image, self.imgsz, self.rect_pad)
+        entry = (boxed, image.shape[:2], scale, pad)
+        self._images[path] = entry
+        self.nbytes += boxed.nbytes
+        while self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._images) > 1:
+            _, (old, *_) = self._images.popitem(last=False)
+            self.nbytes -= old.nbytes
+        return entry
 
 
 def evaluation_cache(imgsz: int) -> LetterboxCache:

@@ -26,6 +26,8 @@ from detection.train import TrainConfig, TrainStats, augment_view, batches_per_e
 from detection.views import apply_view, strong_view, weak_view
 
 
+EMA_UPDATES = ("step", "round")
+
 @dataclass
 class SemiConfig:
     """Settings of one semi-supervised local training call.
@@ -47,6 +49,10 @@ class SemiConfig:
     min_reliable_boxes : int
         Images with fewer reliable pseudo boxes are left out of the step (counted), so a weak teacher
         does not teach "background" wholesale. 0 keeps every image.
+    ema_update : str
+        ``step``: the teacher follows the student after every optimiser step (the paper's local
+        EMA); ``round``: it stays the model the round started from. A client's teacher restarts
+        from the broadcast every round, so an EMA updated once per round is exactly that fixed teacher.
     labelled_augment : str
         View of the labelled images mixed into each step when ``train_unlabelled`` gets
         ``labelled`` records (centralised semi-supervised training; a FedSTO client has none).
@@ -62,8 +68,11 @@ class SemiConfig:
     pseudo_mode: str = "soft"
     min_reliable_boxes: int = 0
     labelled_augment: str = "strong"
+    ema_update: str = "step"
 
     def __post_init__(self) -> None:
+        if self.ema_update not in EMA_UPDATES:
+            raise ValueError(f"ema update {self.ema_update!r}: expected one of {EMA_UPDATES}")
         if self.pseudo_mode not in PSEUDO_MODES:
             raise ValueError(f"pseudo-label mode {self.pseudo_mode!r}: expected one of {PSEUDO_MODES}")
 
@@ -180,7 +189,8 @@ def train_unlabelled(model: torch.nn.Module, image_paths: Sequence[str], cfg: Se
         return batch, counters
 
     stats, _ = run_steps(model, len(image_paths), tc, make_batch, loss_fn, regulariser, None, seed_parts,
-                         on_step_end=lambda: teacher.update(model), loss_hook=loss_hook)
+                         on_step_end=(lambda: teacher.update(model)) if cfg.ema_update == "step" else None, prefetch=False,
+                         loss_hook=loss_hook)
     stats.extra.update(pseudo_box_quality(stats.extra))
     stats.extra = {k: v for k, v in stats.extra.items() if k not in ("true_boxes", "matched_reliable", "matched_uncertain")}
     stats.extra["ema_decay"] = decay

@@ -8,7 +8,8 @@ semi-supervised client loop (``detection.semi``) reuses :func:`run_steps` with i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -62,6 +63,12 @@ class TrainConfig:
         Max gradient norm (Ultralytics uses 10).
     device : str
         ``cpu``, ``cuda``, ``cuda:1``...
+    prefetch : bool, optional
+        Build the next labelled batch in a worker thread while the current one trains (None: on
+        CUDA only, where decoding and augmentation would otherwise starve the GPU).
+    amp : bool
+        Mixed precision on CUDA (float16 autocast of the forward pass and the detection loss,
+        gradient scaling); ignored on other devices.
     progress : bool
         Show a rich progress bar over the steps.
     """
@@ -81,6 +88,8 @@ class TrainConfig:
     seed: int = 0
     grad_clip: float = 10.0
     device: str = "cpu"
+    amp: bool = False
+    prefetch: bool | None = None
     progress: bool = False
     description: str = "train"
 
@@ -145,11 +154,40 @@ def add_per_image_penalty(detection_loss: torch.Tensor, penalty: torch.Tensor, i
     return detection_loss + images * penalty
 
 
+def shuffled_batches(n_items: int, batch_size: int, steps: int, rng: np.random.Generator) -> Iterator[tuple[int, np.ndarray]]:
+    """``(step, indices)`` of each step: epochs of shuffled indices, cut into batches (a batch may span two epochs)."""
+    order = np.zeros(0, np.int64)
+    take = min(batch_size, n_items)
+    for step in range(steps):
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(n_items)])
+        indices, order = order[:take], order[take:]
+        yield step, indices
+
+
+_END = object()
+
+
+def prefetched(items: Iterator) -> Iterator:
+    """The items of ``items``, each computed in a worker thread while the caller works on the previous one.
+
+    Image decoding and augmentation then overlap the GPU's forward and backward pass. Only for
+    batches that do not depend on the model (labelled training): the semi-supervised batch asks
+    the EMA teacher, which the step before must have updated first.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="batches") as pool:
+        future = pool.submit(next, items, _END)
+        while (item := future.result()) is not _END:
+            future = pool.submit(next, items, _END)
+            yield item
+
+
 def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
               make_batch: Callable[[np.ndarray, int], tuple[dict, dict[str, float]]],
               loss_fn: Callable, regulariser: Callable[[], torch.Tensor] | None = None,
               optimizer_state: Mapping | None = None, seed_parts: Sequence[int] = (),
-              on_step_end: Callable[[], None] | None = None, loss_hook: LossHook | None = None) -> tuple[TrainStats, dict]:
+              on_step_end: Callable[[], None] | None = None, loss_hook: LossHook | None = None,
+              prefetch: bool | None = None) -> tuple[TrainStats, dict]:
     """The loop: shuffle ``n_items`` indices, batch, forward, loss, backward, step.
 
     ``make_batch(indices, step)`` returns the model batch (Ultralytics' format), or None when the
@@ -157,10 +195,14 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
     ``loss_fn(preds, batch)`` returns ``(loss, loss_items)``; ``regulariser()`` returns a per-image
     penalty, added once per image of the batch (:func:`add_per_image_penalty`); ``on_step_end`` runs after each
     optimiser step (the EMA teacher's update); ``loss_hook`` (a strategy's local term, see
-    :mod:`detection.loss_hooks`) adds to the loss and runs its own work after the step. Returns the
-    stats and the optimiser's state.
+    :mod:`detection.loss_hooks`) adds to the loss and runs its own work after the step;
+    ``prefetch`` builds the next batch in a worker thread (:func:`prefetched`; default: on CUDA
+    only) and must stay off when ``make_batch`` reads the model. Returns the stats and the
+    optimiser's state.
     """
     device = torch.device(cfg.device)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     model.to(device).train()
     set_trainable_groups(model, cfg.trainable)
     optimizer = build_optimizer(model, cfg, optimizer_state)
@@ -170,16 +212,14 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
     rng = np.random.default_rng(derive_seed(cfg.seed, *seed_parts))
     stats, sums, counters = TrainStats(num_examples=n_items), {}, {}
     start = time.perf_counter()
-    order: np.ndarray = np.zeros(0, np.int64)
     tap = HeadTap(model) if loss_hook is not None and loss_hook.needs_features else None
     recorder = record_assignments(loss_fn) if loss_hook is not None and loss_hook.needs_assignment else None
+    batches = ((step, indices, make_batch(indices, step)) for step, indices in shuffled_batches(n_items, cfg.batch_size, total, rng))
+    if prefetch if prefetch is not None else device.type == "cuda":
+        batches = prefetched(batches)
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task(cfg.description, total=total, info="")
-        for step in range(total):
-            if len(order) < cfg.batch_size:
-                order = np.concatenate([order, rng.permutation(n_items)])
-            indices, order = order[:min(cfg.batch_size, n_items)], order[min(cfg.batch_size, n_items):]
-            batch, batch_counters = make_batch(indices, step)
+        for step, indices, (batch, batch_counters) in batches:
             for k, v in batch_counters.items():
                 counters[k] = counters.get(k, 0.0) + float(v)
             if batch is None:
@@ -189,9 +229,10 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            preds = model(batch["img"])
-            loss, items = loss_fn(preds, batch)
-            loss = loss.sum()
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                preds = model(batch["img"])
+                loss, items = loss_fn(preds, batch)
+            loss = loss.float().sum()
             if regulariser is not None:
                 reg = regulariser()
                 loss = add_per_image_penalty(loss, reg, batch["img"].shape[0])
@@ -205,10 +246,12 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{cfg.description}: non-finite loss at step {step} ({ {k: float(v) for k, v in items.items()} })")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # without AMP the scaler passes everything through
             if cfg.grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             if on_step_end is not None:
                 on_step_end()
             if loss_hook is not None:
@@ -296,6 +339,6 @@ def train_labelled(model: torch.nn.Module, records: Sequence[ImageRecord], cfg: 
         return to_model_batch(images, classes, boxes, cfg.device), {"boxes": float(sum(len(c) for c in classes))}
 
     stats, opt_state = run_steps(model, len(records), cfg, make_batch, loss_fn, regulariser, optimizer_state, seed_parts,
-                                 loss_hook=loss_hook)
+                                 loss_hook=loss_hook, prefetch=cfg.prefetch)
     stats.num_examples = len(records)
     return stats, opt_state

@@ -21,6 +21,7 @@ from typing import Any
 from detection.ema import parse_ema_decay
 from detection.orthogonality import FORMS as ORTHO_FORMS
 from detection.pseudo_labels import PSEUDO_MODES
+from detection.semi import EMA_UPDATES
 from detection.train import AUGMENTS
 from detection.ultralytics_env import fedsto_home
 from strategies import StrategyError, get_strategy
@@ -30,7 +31,7 @@ METHODS = ("partial", "full", "ssfl", "fedsto-st", "fedsto")
 # Knobs with a fixed set of values, and where each set is defined.
 SERVER_MOMENTUM = ("carry", "reset")
 CHOICES = {"method": METHODS, "server_augment": AUGMENTS, "pseudo_mode": PSEUDO_MODES, "ortho_form": ORTHO_FORMS,
-           "server_momentum": SERVER_MOMENTUM}
+           "server_momentum": SERVER_MOMENTUM, "ema_update": EMA_UPDATES}
 
 
 class ConfigError(ValueError):
@@ -118,6 +119,8 @@ class RunConfig(ClientKnobs):
         round and the end of the warm-up are always evaluated.
     eval_personal : bool
         Ask clients to evaluate their locally trained model on their own domain in eval rounds.
+    teacher_check_clients : int
+        Clients whose pseudo boxes are counted before round 1 (0: all; else a seeded sample).
     weak_teacher_map50 : float
         Warn loudly when the warm-up model's server-domain mAP50 is below this.
     weak_teacher_density : float
@@ -132,8 +135,6 @@ class RunConfig(ClientKnobs):
         A run directory to continue from its last checkpoint ("" = fresh run).
     keep_checkpoints : int
         Regular checkpoints kept (the best one is kept in addition).
-    device : str
-        ``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:1``...
     server_threads : int
         Torch CPU threads of the server (0 = all cores).
     tensorboard, mlflow : bool
@@ -167,13 +168,13 @@ class RunConfig(ClientKnobs):
     discovery_timeout: float = 300.0
     eval_every: int = 10
     eval_personal: bool = True
+    teacher_check_clients: int = 0
     weak_teacher_map50: float = 0.25
     weak_teacher_density: float = 0.25
     weak_teacher_precision: float = 0.3
     output_dir: str = ""
     resume: str = ""
     keep_checkpoints: int = 2
-    device: str = "auto"
     server_threads: int = 0
     tensorboard: bool = False
     mlflow: bool = False
@@ -230,10 +231,10 @@ class RunConfig(ClientKnobs):
             if getattr(self, name) not in choices:
                 fail(name, f"one of {', '.join(choices)}")
         for name in ("warmup_epochs", "warmup_lr_steps", "phase1_rounds", "phase2_rounds", "min_reliable_boxes",
-                     "synthetic_images", "server_threads", "client_threads", "server_epochs", "seed"):
+                     "synthetic_images", "server_threads", "client_threads", "server_epochs", "seed", "teacher_check_clients"):
             if getattr(self, name) < 0:
                 fail(name, "an integer >= 0")
-        for name in ("imgsz", "batch_size", "local_epochs", "eval_every", "keep_checkpoints", "synthetic_clients",
+        for name in ("imgsz", "batch_size", "local_epochs", "eval_every", "keep_checkpoints", "synthetic_clients", "client_image_cache_mb",
                      "synthetic_imgsz"):
             if getattr(self, name) < 1:
                 fail(name, "an integer >= 1")

@@ -45,7 +45,7 @@ from server.plan import Plan, Step, build_plan
 from server.prepare import ensure_synthetic_federation
 from server.rounds import (RoundReplies, classify_replies, mean_losses, personal_summary, pseudo_summary, reply_domain,
                            reply_metrics, required_replies, site_summary)
-from server.sampling import Discovery, discover_partitions, query_partitions, sample_partitions
+from server.sampling import Discovery, discover_partitions, query_partitions, sample_partitions, sample_teacher_check
 from server.state import ServerState, checkpoint_payload, restore_checkpoint
 from server.warmup_cache import WarmupCache, warmup_key
 from server.teacher_check import TeacherThresholds, summarise_teacher_check
@@ -156,9 +156,10 @@ class FederatedRun:
         self.train_config = TrainConfig(imgsz=cfg.imgsz, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                                         weight_decay=cfg.weight_decay, epochs=1, trainable=GROUPS, augment=cfg.server_augment,
                                         scale=cfg.augment_scale, translate=cfg.augment_translate,
-                                        seed=cfg.seed, device=self.device,
+                                        seed=cfg.seed, device=self.device, amp=cfg.amp,
                                         progress=cfg.progress and sys.stdout.isatty())
-        self.warmup_cache, self.warmup_key, self.warmup_reused = None, None, False
+        # the reused warm-up's training seconds (they count in state.elapsed); None: trained here
+        self.warmup_cache, self.warmup_key, self.warmup_reused_seconds = None, None, None
         if cfg.warmup_cache and self.plan.warmup_epochs:
             changes_server_loss = type(self.strategy).server_loss is not FederatedStrategy.server_loss
             self.warmup_key, self.warmup_parts = warmup_key(cfg, self.manifest, self.plan.labels, self.device,
@@ -236,7 +237,7 @@ class FederatedRun:
             self.run_dir.append_metrics({**row, "method": self.cfg.method, "warmup_cache": self.warmup_key})
         last = self.plan.steps[self.state.step - 1]
         self._checkpoint(last, is_best=self.state.best_step == last.index)
-        self.warmup_reused = True
+        self.warmup_reused_seconds = entry["seconds"]
         self.say(f"warm-up: {self.plan.warmup_epochs} epochs reused from {self.warmup_cache.folder(self.warmup_key)} "
                  f"(trained {entry['created']} in {entry['seconds']:.0f}s); warmup-cache=false trains it again")
 
@@ -467,7 +468,8 @@ class FederatedRun:
         server_map50 = self.state.last_eval[self.site.server_domain]["map50"]
         server_density = float(np.mean([len(r.classes) for r in self.labelled])) if self.labelled else 0.0
         ins = self.instructions(step, evaluate_personal=False)
-        messages, sent = self._messages(self.discovery.partitions, self._broadcast(), ins, protocol.EVALUATE_TEACHER)
+        checked = sample_teacher_check(self.discovery.partitions, cfg.teacher_check_clients, cfg.seed)
+        messages, sent = self._messages(checked, self._broadcast(), ins, protocol.EVALUATE_TEACHER)
         replies = self._exchange(messages, sent)
         self.state.failure_reasons += [{"step": step.index, "round": "teacher check", "reason": f} for f in replies.failures]
         clients = {}
@@ -496,12 +498,14 @@ class FederatedRun:
             "completed", method=cfg.method, strategy=cfg.strategy, steps=len(self.plan.steps), **self._failure_record(),
             sites=self.state.last_sites, final=final, best_map50=self.state.best_map50,
             best_step=self.state.best_step, elapsed_seconds=self.state.elapsed, model=str(model_path),
-            warmup_cache={"key": self.warmup_key, "reused": self.warmup_reused})
+            warmup_cache={"key": self.warmup_key, "reused": self.warmup_reused_seconds is not None})
         try:
             write_run_report(self.run_dir.path)
         except Exception as exc:  # noqa: BLE001  (a broken plot must not turn a finished run into a failed one)
             self.warn(f"report: {exc}")
         self.run_dir.write_progress(len(self.plan.steps), len(self.plan.steps), "done", status="completed")
-        self.say(f"done: {cfg.method}, {self.state.elapsed:.0f}s of steps, failures {self.state.failures}; "
+        reused = (f" ({self.warmup_reused_seconds:.0f}s of them the reused warm-up's)"
+                  if self.warmup_reused_seconds is not None else "")
+        self.say(f"done: {cfg.method}, {self.state.elapsed:.0f}s of steps{reused}, failures {self.state.failures}; "
                  f"model {model_path}; results {self.run_dir.path / 'results.md'}")
         return self.run_dir.read_json(rd.RESULT) or {"status": "completed", "path": str(result)}

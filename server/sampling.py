@@ -21,8 +21,9 @@ from strategies import protocol
 
 log = logging.getLogger("fedsto.server")
 
-# A fixed tag separates the sampling stream from the training streams derived from the same seed.
+# Fixed tags separate the sampling streams from the training streams derived from the same seed.
 SAMPLING_STREAM = 0x5A3D
+TEACHER_CHECK_STREAM = 0x7EAC
 
 
 def sample_size(num_partitions: int, fraction: float) -> int:
@@ -57,6 +58,19 @@ def sample_partitions(partitions: Sequence[int], fraction: float, seed: int, ser
         return pool
     rng = np.random.default_rng(derive_seed(seed, server_round, SAMPLING_STREAM))
     return sorted(int(p) for p in rng.choice(pool, size=n, replace=False))
+
+
+def sample_teacher_check(partitions: Sequence[int], count: int, seed: int) -> list[int]:
+    """The partitions whose teacher quality is checked before round 1: all (``count`` 0) or a seeded sample.
+
+    With thousands of clients, inference on every one of them would cost more than a round; a
+    sample of a few tens says as much about the warm-up.
+    """
+    pool = sorted(set(int(p) for p in partitions))
+    if count <= 0 or count >= len(pool):
+        return pool
+    rng = np.random.default_rng(derive_seed(seed, TEACHER_CHECK_STREAM))
+    return sorted(int(p) for p in rng.choice(pool, size=count, replace=False))
 
 
 @dataclass

@@ -32,7 +32,7 @@ from detection.train import RECIPE_VERSION
 
 # RunConfig fields (snake_case) that change what the warm-up does.
 WARMUP_KNOBS = ("imgsz", "batch_size", "lr", "momentum", "weight_decay", "server_augment", "augment_scale",
-                "augment_translate", "warmup_epochs", "warmup_lr_steps", "seed", "model", "weights")
+                "augment_translate", "warmup_epochs", "warmup_lr_steps", "seed", "model", "weights", "amp")
 
 
 def file_sha256(path: str | Path) -> str:

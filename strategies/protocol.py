@@ -104,6 +104,9 @@ class ClientKnobs:
         Client epochs per round (paper: 1).
     ema_decay : str
         Local EMA teacher decay: a number (paper: 0.999) or ``auto`` (from the local step count).
+    ema_update : str
+        ``step`` (the paper's: the local teacher follows every optimiser step) or ``round`` (it stays
+        the broadcast model for the whole round).
     tau_low, tau_high : float
         Pseudo-label score thresholds (paper: 0.1, 0.6).
     nms_conf, nms_iou : float
@@ -116,6 +119,21 @@ class ClientKnobs:
         ``srip`` (smaller Gram) or ``symmetric`` (the paper's literal form).
     client_threads : int
         Torch CPU threads on clients (0 = the CPUs Ray gives the actor).
+    device : str
+        ``auto`` (CUDA when the process sees a GPU), ``cpu``, ``cuda``, ``cuda:1``... for the server
+        and every client; a node's ``--node-config device=...`` overrides it for that node. In Ray
+        simulation a client sees only the GPUs Ray gave its actor (``--gpus-per-client``), so
+        ``auto`` is the CPU for clients given none.
+    amp : bool
+        Mixed precision (autocast to float16 + gradient scaling) when training on CUDA; ignored on
+        the CPU.
+    oom_retry : bool
+        After a CUDA out-of-memory error, a client retries the round once at half the batch size
+        (a second failure is a failed reply naming the memory it had).
+    client_image_cache_mb : int
+        Letterboxed pixels a client process keeps in memory (least recently used are dropped and
+        read again from disk when needed): memory stays flat however many partitions a Ray actor
+        serves. A partition that fits is read from disk once.
     """
 
     strategy: str = "fedavg"
@@ -132,6 +150,7 @@ class ClientKnobs:
     augment_translate: float = TrainConfig.translate
     local_epochs: int = TrainConfig.epochs
     ema_decay: str = "0.999"  # the paper's; the engine's default is "auto" (right for short centralised runs)
+    ema_update: str = SemiConfig.ema_update
     tau_low: float = SemiConfig.tau_low
     tau_high: float = SemiConfig.tau_high
     nms_conf: float = SemiConfig.nms_conf
@@ -140,6 +159,10 @@ class ClientKnobs:
     min_reliable_boxes: int = SemiConfig.min_reliable_boxes
     ortho_form: str = "srip"
     client_threads: int = 0
+    client_image_cache_mb: int = 1024
+    device: str = "auto"
+    amp: bool = True
+    oom_retry: bool = True
 
 
 CLIENT_KNOBS = tuple(f.name for f in fields(ClientKnobs))

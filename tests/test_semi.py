@@ -56,6 +56,22 @@ def test_teacher_reset_from_model_and_moves_after_training(client_data):
     assert "pseudo_uncertain_recall" in stats.extra
 
 
+def test_teacher_updated_per_round_stays_the_rounds_starting_model(client_data):
+    fed, paths, _ = client_data
+    torch.manual_seed(0)
+    model = build_model("yolo11n.yaml", len(fed.class_names))
+    teacher = EmaTeacher(build_model("yolo11n.yaml", len(fed.class_names)), 0.5)
+    start = get_state(model)
+    cfg = semi_cfg()
+    cfg.ema_update = "round"
+    train_unlabelled(model, paths, cfg, teacher=teacher)
+    t_state = teacher.model.state_dict()
+    assert all(torch.equal(t_state[k], start[k]) for k in start if start[k].is_floating_point())
+    assert not torch.equal(model.state_dict()["model.0.conv.weight"], start["model.0.conv.weight"])
+    with pytest.raises(ValueError, match="ema update"):
+        SemiConfig(ema_update="epoch")
+
+
 def test_minimum_box_filter_skips_images_without_reliable_boxes(client_data):
     fed, paths, _ = client_data
     model = build_model("yolo11n.yaml", len(fed.class_names))

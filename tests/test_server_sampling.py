@@ -7,7 +7,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from server.inprocess import InProcessGrid
-from server.sampling import discover_partitions, sample_partitions, sample_size
+from server.sampling import discover_partitions, sample_partitions, sample_size, sample_teacher_check
 
 
 def test_sampling_is_seeded_by_partition_not_order():
@@ -18,6 +18,16 @@ def test_sampling_is_seeded_by_partition_not_order():
     assert a != sample_partitions(pids, 0.3, seed=8, server_round=3)
     rounds = {tuple(sample_partitions(pids, 0.3, seed=7, server_round=r)) for r in range(1, 11)}
     assert len(rounds) > 5  # rounds draw independently
+
+
+def test_teacher_check_sample_is_all_or_a_seeded_subset():
+    pids = list(range(100))
+    assert sample_teacher_check(pids, 0, seed=1) == pids
+    assert sample_teacher_check(pids[:5], 10, seed=1) == pids[:5]
+    sample = sample_teacher_check(pids, 8, seed=1)
+    assert len(sample) == 8 and sample == sorted(set(sample)) and set(sample) <= set(pids)
+    assert sample == sample_teacher_check(list(reversed(pids)), 8, seed=1)
+    assert sample != sample_teacher_check(pids, 8, seed=2)
 
 
 def test_sampling_edges():

@@ -113,6 +113,29 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny):
     assert not states_equal(runs[0], runs[2])
 
 
+def test_prefetching_batches_in_a_thread_changes_nothing(tiny):
+    records, names = tiny
+    cfg = TrainConfig(imgsz=IMGSZ, batch_size=4, max_steps=6, augment="strong", seed=5)
+    runs = []
+    for prefetch in (False, True):
+        model = fresh_model(names)
+        stats, _ = train_labelled(model, records, cfg.replace(prefetch=prefetch))
+        runs.append((get_state(model), stats.losses))
+    assert states_equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+def test_mixed_precision_is_ignored_on_the_cpu(tiny):
+    """AMP applies on CUDA only: on the CPU the same call gives bit-identical weights with it on or off."""
+    records, names = tiny
+    cfg = TrainConfig(imgsz=IMGSZ, batch_size=8, max_steps=2, seed=3, device="cpu")
+    runs = []
+    for amp in (False, True):
+        model = fresh_model(names)
+        train_labelled(model, records, cfg.replace(amp=amp))
+        runs.append(get_state(model))
+    assert states_equal(runs[0], runs[1])
+
+
 def test_bad_inputs_are_refused(tiny):
     records, names = tiny
     with pytest.raises(ValueError, match="no labelled images"):

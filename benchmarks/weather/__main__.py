@@ -3,7 +3,7 @@
 Data: ``../shared/data/highway`` (2,442 real labelled clear-weather road images). The server holds
 the labels of 25% of the training images (clear); three clients hold disjoint unlabelled images
 turned foggy, night and snowy by the project's weather transforms (the three that read most like
-real weather in ``benchmarks/weather/montage.png``); each domain has a labelled test split that
+real weather in ``benchmarks/weather/montage.jpg``); each domain has a labelled test split that
 is never trained on. Every row is one real ``fedsto run`` (Flower's Ray simulation) with the
 ``weather`` preset; all rows but ``full`` share one warm-up, trained by the first of them and
 reused from the warm-up cache.
@@ -63,7 +63,7 @@ def build_federation(home: Path) -> Path:
         return manifest
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: the highway images are not there (they come with ../shared/data)")
-    records, class_names = read_yolo_dataset(DATA / "data.yaml")
+    records, class_names, _ = read_yolo_dataset(DATA / "data.yaml")
     return build(records, class_names, manifest.parent, domain_rule="weather", **FEDERATION)
 
 
@@ -85,7 +85,7 @@ def fedsto_command(scale: str, row: Row, manifest: Path, out: Path, resume: Path
         return [*head, "run", "--resume", str(resume)]
     overrides = [f"{k}={v}" for k, v in {**row.run_config, "federation": str(manifest)}.items()]
     return [*head, "run", "--preset", SCALES[scale].preset, "--method", row.method, "--clients", str(NUM_CLIENTS),
-            "--out", str(out), "--", *overrides]
+            *SCALES[scale].flags, "--out", str(out), "--", *overrides]
 
 
 def hardware() -> dict:

@@ -83,19 +83,21 @@ def write_plots(records: Mapping[str, dict], domains: list[str], folder: Path) -
     return written
 
 
-def write_report(scale: str, records: Mapping[str, dict], manifest: Path, console=None) -> Path:
-    """Rewrite ``benchmarks/weather/RESULTS.md`` (and its plots) for ``scale`` from ``records``."""
+def write_report(scale: str, records: Mapping[str, dict], manifest: Path, console=None, folder: Path = HERE) -> Path:
+    """Rewrite ``RESULTS.md`` (and its plots) in ``folder`` for ``scale`` from ``records``."""
     from detection.manifest_reader import Federation
 
     fed = Federation.load(manifest, check_files=False)
     domains = fed.domains
     fams = families(records)
+    sizes = fed.sizes()
     lines = [f"# Weather benchmark: FedSTO on real road images ({scale} scale)", "",
              "Written by `python -m benchmarks.weather` from the JSON files in "
              f"`benchmarks/weather/results/{scale}/`; nothing here is typed in by hand.", "",
-             f"- **Data**: `../shared/data/highway` (real clear-weather road images, 5 classes). Federation: "
-             f"{fed.sizes()}; the server's labels are clear images, the clients' images are turned "
-             f"{', '.join(d for d in domains if d != fed.server_domain)} (see `montage.png`).",
+             f"- **Data**: `../shared/data/highway` (real clear-weather road images, 5 classes). Server: "
+             f"{sizes['server']} labelled {fed.server_domain} images; clients: {'/'.join(map(str, sizes['clients']))} "
+             f"unlabelled images turned {', '.join(d for d in domains if d != fed.server_domain)} (see `montage.jpg`); "
+             f"test: {', '.join(f'{d} {n}' for d, n in sizes['test'].items())} labelled images.",
              f"- **Scale**: {SCALES[scale].about}; preset `presets/{SCALES[scale].preset}.toml`.",
              "- **Metric**: mAP50 per domain on its labelled test split; Total = unweighted mean over domains "
              "(the paper's). `val()` = `YOLO(model.pt).val(data=<domain test split>, imgsz=<training imgsz>)`, "
@@ -134,9 +136,11 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
     for fam, rs in fams.items():
         rec = rs[0]
         if rec.get("teacher_check"):
-            tc = rec["teacher_check"]
-            per = tc.get("per_client", tc)
-            lines.append(f"- **{fam}** teacher check: `{_compact(per)}`")
+            clients = rec["teacher_check"].get("clients", {})
+            lines.append(f"- **{fam}** before round 1: " + "; ".join(
+                f"{c.get('domain')} {c.get('reliable_per_image', 0):.2f} boxes/img (precision "
+                f"{c.get('reliable_precision', float('nan')):.2f}, recall {c.get('reliable_recall', float('nan')):.2f})"
+                for c in clients.values()))
         if rec.get("pseudo"):
             lines.append(f"  - pseudo precision by round: "
                          + ", ".join(f"{p['round']}: {p.get('reliable_precision', float('nan')):.2f}" for p in rec["pseudo"]))
@@ -170,18 +174,10 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
         hw, v = rec["hardware"], rec["versions"]
         lines.append(f"| {name} | `{rec['command']}` | {rec['seed']} | {rec['finished']} | {_minutes(rec['wall_seconds'])} | "
                      f"{hw['cpu']}, {hw['cores']} cores | torch {v['torch']}, flwr {v['flwr']}, ultralytics {v['ultralytics']} |")
-    plots = write_plots(records, domains, HERE) if records else []
+    plots = write_plots(records, domains, folder) if records else []
     lines += ["", *(f"![{p.stem}]({p.name})" for p in plots), ""]
-    out = HERE / "RESULTS.md"
+    out = folder / "RESULTS.md"
     out.write_text("\n".join(lines))
     if console is not None:
         console.print(f"wrote {out}" + (f" and {', '.join(p.name for p in plots)}" if plots else ""))
     return out
-
-
-def _compact(value) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_compact(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)

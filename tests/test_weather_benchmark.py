@@ -1,0 +1,47 @@
+"""The weather benchmark's bookkeeping: rows, what makes a row stale, and RESULTS.md from recorded results only."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.weather.report import gap_share, write_report
+from benchmarks.weather.rows import ROWS, rows_named
+
+
+def fake_record(name: str, seed: int, totals: dict[str, float]) -> dict:
+    final = {d: {"map50": v, "map50_95": v / 2} for d, v in totals.items()}
+    final["Total"] = {"map50": sum(totals.values()) / len(totals), "map50_95": sum(totals.values()) / len(totals) / 2}
+    return {"row": name, "seed": seed, "final": final, "wall_seconds": 600.0, "command": f"fedsto run ... {name}",
+            "finished": "2026-12-05 21:00", "hardware": {"cpu": "test cpu", "cores": 2},
+            "versions": {"torch": "t", "flwr": "f", "ultralytics": "u"}, "ultralytics_val_map50": dict(totals),
+            "curve": [{"step": 1, "total_map50": 0.1}, {"step": 2, "total_map50": final["Total"]["map50"]}],
+            "teacher_check": None, "pseudo": [], "personal": None}
+
+
+def test_rows_have_unique_names_and_groups_select_them():
+    assert len({r.name for r in ROWS}) == len(ROWS)
+    assert [r.name for r in rows_named("priority")] == ["partial", "full", "ssfl", "fedsto"]
+    assert {r.seed for r in rows_named("seeds")} == {2, 3}
+    with pytest.raises(SystemExit, match="unknown row"):
+        rows_named("fedsto,nonsense")
+
+
+def test_gap_share():
+    assert gap_share(0.593, 0.511, 0.605) == pytest.approx(0.872, abs=1e-3)  # the paper's 87%
+    assert gap_share(0.5, 0.5, 0.5) is None
+
+
+def test_results_md_shows_recorded_rows_and_lists_the_rest_as_not_run(weather_federation, tmp_path):
+    records = {"partial": fake_record("partial", 1, {"clear": 0.6, "rainy": 0.2, "night": 0.1}),
+               "full": fake_record("full", 1, {"clear": 0.7, "rainy": 0.5, "night": 0.4}),
+               "fedsto": fake_record("fedsto", 1, {"clear": 0.6, "rainy": 0.4, "night": 0.2}),
+               "fedsto-seed2": fake_record("fedsto-seed2", 2, {"clear": 0.6, "rainy": 0.3, "night": 0.3})}
+    out = write_report("cpu", records, weather_federation, folder=tmp_path)
+    text = out.read_text()
+    partial, full = 0.3, 1.6 / 3
+    fedsto = (1.2 / 3 + 1.2 / 3) / 2
+    assert f"{gap_share(fedsto, partial, full):.0%}" in text.split("| fedsto | 1,2 |")[1].splitlines()[0]
+    assert "Not all four rows" in text  # ssfl is missing: no ordering verdict
+    not_run = text.split("## Not yet run")[1].split("##")[0]
+    assert "- ssfl\n" in not_run and "- partial\n" not in not_run and "- fedsto-seed3" in not_run
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "domains.png").stat().st_size > 0
