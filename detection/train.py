@@ -215,7 +215,7 @@ def run_steps(model: torch.nn.Module, n_items: int, cfg: TrainConfig,
     tap = HeadTap(model) if loss_hook is not None and loss_hook.needs_features else None
     recorder = record_assignments(loss_fn) if loss_hook is not None and loss_hook.needs_assignment else None
     batches = ((step, indices, make_batch(indices, step)) for step, indices in shuffled_batches(n_items, cfg.batch_size, total, rng))
-    if prefetch if prefetch is not None else device.type == "cuda":
+    if device.type == "cuda" if prefetch is None else prefetch:
         batches = prefetched(batches)
     with progress_bar(cfg.progress) as bar:
         task = bar.add_task(cfg.description, total=total, info="")

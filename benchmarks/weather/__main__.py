@@ -8,8 +8,8 @@ is never trained on. Every row is one real ``fedsto run`` (Flower's Ray simulati
 ``weather`` preset; all rows but ``full`` share one warm-up, trained by the first of them and
 reused from the warm-up cache.
 
-Runs in pieces: each row is one command, and a row that is stopped resumes from its last
-checkpoint when run again. Results are small JSON files under ``benchmarks/weather/results/<scale>/``
+Runs in pieces: each row is one command of at most ``--piece-minutes`` (45); a row that is
+stopped then, or by Ctrl-C, continues from its last checkpoint when the command runs again. Results are small JSON files under ``benchmarks/weather/results/<scale>/``
 (committed; weights never); after each row ``RESULTS.md`` and the plots are rewritten from all of
 them. A row is redone only when its configuration changed (preset, row settings, federation or
 training recipe).
@@ -78,13 +78,17 @@ def config_hash(scale: str, row: Row, manifest: Path) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def fedsto_command(scale: str, row: Row, manifest: Path, out: Path, resume: Path | None) -> list[str]:
+def fedsto_command(scale: str, row: Row, manifest: Path, out: Path, resume: Path | None, piece_minutes: float = 0) -> list[str]:
     exe = Path(sys.executable).with_name("fedsto")
     head = [str(exe)] if exe.exists() else [sys.executable, "-m", "server.cli"]
+    if piece_minutes:
+        head = [*head, "run", "--timeout", f"{piece_minutes * 60:.0f}"]
+    else:
+        head = [*head, "run"]
     if resume is not None:
-        return [*head, "run", "--resume", str(resume)]
+        return [*head, "--resume", str(resume)]
     overrides = [f"{k}={v}" for k, v in {**row.run_config, "federation": str(manifest)}.items()]
-    return [*head, "run", "--preset", SCALES[scale].preset, "--method", row.method, "--clients", str(NUM_CLIENTS),
+    return [*head, "--preset", SCALES[scale].preset, "--method", row.method, "--clients", str(NUM_CLIENTS),
             *SCALES[scale].flags, "--out", str(out), "--", *overrides]
 
 
@@ -138,28 +142,34 @@ def summarise_run(run_dir: Path) -> dict:
             "pseudo": pseudo, "teacher_check": teacher, "personal": personal}
 
 
-def run_row(scale: str, row: Row, manifest: Path, work: Path, console) -> dict | None:
-    """Run (or resume) one row; returns its record, or None when the run failed."""
+def run_row(scale: str, row: Row, manifest: Path, work: Path, console, piece_minutes: float = 0) -> dict | None:
+    """Run (or resume) one row for at most ``piece_minutes``; its record, or None when it did not finish."""
     from server.config import RunConfig
 
     out = work / row.name
     run_dir = out / row.method
+    pieces_file = out / "pieces.json"  # wall seconds of each piece of this row
     resume = run_dir if (run_dir / "checkpoints").is_dir() and not (run_dir / "model.pt").is_file() else None
     if resume is None and out.exists():
         shutil.rmtree(out)  # a finished run of an older config, or one that never checkpointed
-    command = fedsto_command(scale, row, manifest, out, resume)
+    command = fedsto_command(scale, row, manifest, out, resume, piece_minutes)
     console.print(f"[bold]{row.name}[/bold]: {shlex.join(command)}")
     t0 = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT)
-    seconds = time.perf_counter() - t0
+    pieces = (json.loads(pieces_file.read_text()) if pieces_file.is_file() else []) + [round(time.perf_counter() - t0, 1)]
+    out.mkdir(parents=True, exist_ok=True)
+    pieces_file.write_text(json.dumps(pieces) + "\n")
+    seconds = sum(pieces)
     if done.returncode != 0 or not (run_dir / "model.pt").is_file():
-        console.print(f"[red]{row.name}: fedsto run exited with {done.returncode}; rerun to resume[/red]")
+        console.print(f"[red]{row.name}: not finished (fedsto run exited with {done.returncode}); run the same "
+                      f"command again to continue it from its last checkpoint[/red]")
         return None
     cfg = json.loads((run_dir / "config.json").read_text())["run_config"]
     imgsz = RunConfig.from_run_config(cfg).imgsz
     return {"row": row.name, "family": row.family, "group": row.group, "method": row.method, "strategy": row.strategy,
             "strategy_options": row.strategy_options, "seed": row.seed, "overrides": dict(row.overrides),
             "command": shlex.join(fedsto_command(scale, row, manifest, out, None)), "wall_seconds": round(seconds, 1),
+            "pieces": len(pieces),
             "finished": time.strftime("%Y-%m-%d %H:%M"), "hardware": hardware(), "versions": versions(), "imgsz": imgsz,
             **summarise_run(run_dir), "ultralytics_val_map50": ultralytics_val_per_domain(run_dir / "model.pt", manifest, imgsz)}
 
@@ -174,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--rows", default="", help="comma-separated rows or groups (default: all, in order)")
     parser.add_argument("--max-rows", type=int, default=0, help="stop after this many rows were run (0: no limit)")
+    parser.add_argument("--piece-minutes", type=float, default=45.0,
+                        help="stop a row after this many minutes, resumable by the same command (0: no limit)")
     parser.add_argument("--list", action="store_true", help="show which rows are recorded and stop")
     parser.add_argument("--report", action="store_true", help="rewrite RESULTS.md and the plots only")
     args = parser.parse_args(argv)
 
     from rich.console import Console
 
-    from benchmarks.weather.report import write_report
     from detection.ultralytics_env import fedsto_home
 
     console = Console(highlight=False, soft_wrap=True)
@@ -198,18 +209,28 @@ def main(argv: list[str] | None = None) -> int:
     for row in [] if args.report else todo:
         if args.max_rows and ran >= args.max_rows:
             break
-        record = run_row(args.scale, row, manifest, home / "bench" / f"weather-{args.scale}", console)
+        stamp = config_hash(args.scale, row, manifest)  # before the run: what it ran with
+        record = run_row(args.scale, row, manifest, home / "bench" / f"weather-{args.scale}", console, args.piece_minutes)
         ran += 1
         if record is None:
             return 1
-        record["config_hash"] = config_hash(args.scale, row, manifest)
+        record["config_hash"] = stamp
         folder = results_dir(args.scale)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{row.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-        write_report(args.scale, recorded(args.scale), manifest, console)
+        report(args.scale, manifest, console)
     if args.report or not ran:
-        write_report(args.scale, recorded(args.scale), manifest, console)
+        report(args.scale, manifest, console)
     return 0
+
+
+def report(scale: str, manifest: Path, console) -> Path:
+    """RESULTS.md from every recorded row, marking those whose configuration changed since."""
+    from benchmarks.weather.report import write_report
+
+    have = recorded(scale)
+    stale = frozenset(r.name for r in ROWS if r.name in have and have[r.name].get("config_hash") != config_hash(scale, r, manifest))
+    return write_report(scale, have, manifest, console, stale=stale)
 
 
 if __name__ == "__main__":

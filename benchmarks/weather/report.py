@@ -83,8 +83,12 @@ def write_plots(records: Mapping[str, dict], domains: list[str], folder: Path) -
     return written
 
 
-def write_report(scale: str, records: Mapping[str, dict], manifest: Path, console=None, folder: Path = HERE) -> Path:
-    """Rewrite ``RESULTS.md`` (and its plots) in ``folder`` for ``scale`` from ``records``."""
+def write_report(scale: str, records: Mapping[str, dict], manifest: Path, console=None, folder: Path = HERE,
+                 stale: frozenset[str] = frozenset()) -> Path:
+    """Rewrite ``RESULTS.md`` (and its plots) in ``folder`` for ``scale`` from ``records``.
+
+    ``stale`` names recorded rows whose configuration has changed since (marked, and listed as to run again).
+    """
     from detection.manifest_reader import Federation
 
     fed = Federation.load(manifest, check_files=False)
@@ -110,7 +114,9 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
     for fam, rs in fams.items():
         share = gap_share(float(np.mean(totals[fam])), partial, full) if partial is not None and full is not None else None
         val = rs[0].get("ultralytics_val_map50", {})
-        cells = [fam, ",".join(str(r["seed"]) for r in rs),
+        old = [r["row"] for r in rs if r["row"] in stale]
+        cells = [fam + (f" (stale: {', '.join(old)} ran with an older configuration)" if old else ""),
+                 ",".join(str(r["seed"]) for r in rs),
                  *(_mean_spread([r["final"][d]["map50"] for r in rs]) for d in domains),
                  _mean_spread(totals[fam]), _mean_spread([r["final"]["Total"]["map50_95"] for r in rs]),
                  f"{share:.0%}" if share is not None else "n/a",
@@ -168,6 +174,7 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
     missing = [r.name for r in ROWS if r.name not in records]
     lines += ["## Not yet run", ""]
     lines += [f"- {name}" for name in missing] or ["- (every row is recorded)"]
+    lines += [f"- {name} again: recorded with an older configuration" for name in sorted(stale & set(records))]
     lines += [f"- {what}" for what in NOT_BUILT]
     lines += ["", "## Runs", "", "| row | command | seed | finished | wall time | hardware | versions |", "|---|---|---|---|---|---|---|"]
     for name, rec in records.items():

@@ -65,6 +65,7 @@ ROWS: tuple[Row, ...] = (
     Row("fedsto-pseudo-soft", "fedsto", "ablations", overrides=(("pseudo-mode", "soft"),)),
     Row("fedsto-pseudo-drop", "fedsto", "ablations", overrides=(("pseudo-mode", "drop"),)),
     Row("fedsto-ema-round", "fedsto", "ablations", overrides=(("ema-update", "round"),)),
+    Row("fedsto-momentum-reset", "fedsto", "ablations", overrides=(("server-momentum", "reset"),)),
 )
 # Seeds of a family: the seed-1 row carries the family's name, later seeds add "-seed<k>".
 for _row in ROWS:
@@ -86,7 +87,8 @@ class Scale:
 
 
 SCALES = {
-    "cpu": Scale("cpu", "weather", "yolo11n at 160 px, 40 warm-up epochs, 8 + 12 rounds: each row <= ~45 min on 2 CPU cores"),
+    "cpu": Scale("cpu", "weather", "yolo11n at 160 px, 100 warm-up epochs (trained once, shared), 8 + 12 rounds: "
+                                   "a row in one or two 45-minute pieces on 2 CPU cores"),
     "paper": Scale("paper", "weather-paper", "YOLOv5-L at 640 px, batch 64, the paper's 50 + 100 + 150 schedule: a GPU host",
                    ("--cpus-per-client", "4", "--gpus-per-client", "0.25")),
 }
