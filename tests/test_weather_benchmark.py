@@ -45,3 +45,18 @@ def test_results_md_shows_recorded_rows_and_lists_the_rest_as_not_run(weather_fe
     not_run = text.split("## Not yet run")[1].split("##")[0]
     assert "- ssfl\n" in not_run and "- partial\n" not in not_run and "- fedsto-seed3" in not_run
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "domains.png").stat().st_size > 0
+
+
+def test_row_commands_carry_the_piece_limit_and_resume(tmp_path):
+    from benchmarks.weather.__main__ import fedsto_command
+    from benchmarks.weather.rows import ROWS
+
+    fedsto = next(r for r in ROWS if r.name == "fedsto+fedbn")
+    fresh = fedsto_command("cpu", fedsto, tmp_path / "federation.json", tmp_path / "out", None, piece_minutes=45)
+    assert fresh[fresh.index("--timeout") + 1] == "2700"
+    assert fresh[fresh.index("--preset") + 1] == "weather" and fresh[fresh.index("--method") + 1] == "fedsto"
+    assert "strategy=fedbn" in fresh and f"federation={tmp_path / 'federation.json'}" in fresh
+    resumed = fedsto_command("cpu", fedsto, tmp_path / "federation.json", tmp_path / "out", tmp_path / "out" / "fedsto")
+    assert resumed[-2:] == ["--resume", str(tmp_path / "out" / "fedsto")] and "--timeout" not in resumed
+    paper = fedsto_command("paper", fedsto, tmp_path / "f.json", tmp_path / "out", None)
+    assert paper[paper.index("--gpus-per-client") + 1] == "0.25"
