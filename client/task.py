@@ -5,7 +5,8 @@ testable in-process. Nothing about training survives between rounds but what a s
 the node's disk (``client.node_state``): the model comes from the broadcast, the optimiser and the
 EMA teacher are made fresh inside :func:`train_round`, and the RNG comes from (seed, round,
 partition). What *is* cached per process is read-only: the parsed site
-(:class:`detection.sites.ClientSite`) and the letterboxed images, which never change during a run.
+(:class:`detection.sites.ClientSite`), a model template copied for each message, and the
+letterboxed images within a byte budget (``client-image-cache-mb``), which never change during a run.
 """
 
 from __future__ import annotations

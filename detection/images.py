@@ -109,7 +109,9 @@ class LetterboxCache:
         self.reads = 0
         self._images: OrderedDict[str, tuple[np.ndarray, tuple[int, int], float, tuple[int, int]]] = OrderedDict()
 
-    def __len__(self) -> int:
+    @property
+    def count(self) -> int:
+        """Images held now (not ``__len__``: an empty cache must stay truthy for ``cache or ...``)."""
         return len(self._images)
 
     def get(self, path: str) -> np.ndarray:

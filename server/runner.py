@@ -234,7 +234,7 @@ class FederatedRun:
         self.state, self.optimizer_state = restore_checkpoint(self.model, checkpoint)
         self.strategy.load_state_dict(checkpoint.get("strategy_state") or {})
         for row in entry["metrics"]:
-            self.run_dir.append_metrics({**row, "method": self.cfg.method, "warmup_cache": self.warmup_key})
+            self.run_dir.append_metrics({**row, "method": self.cfg.method})
         last = self.plan.steps[self.state.step - 1]
         self._checkpoint(last, is_best=self.state.best_step == last.index)
         self.warmup_reused_seconds = entry["seconds"]

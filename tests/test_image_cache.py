@@ -23,7 +23,7 @@ def test_budget_bounds_memory_and_evicts_least_recently_used(tmp_path):
     first = cache.get(paths[0]).copy()
     for p in paths[1:]:
         cache.get(p)
-        assert cache.nbytes <= 3 * one and len(cache) <= 3
+        assert cache.nbytes <= 3 * one and cache.count <= 3
     assert cache.reads == 10
     cache.get(paths[9])  # recent: from memory
     assert cache.reads == 10
@@ -37,7 +37,7 @@ def test_unbounded_cache_reads_each_file_once(tmp_path):
     for _ in range(3):
         for p in paths:
             cache.get(p)
-    assert cache.reads == 5 and len(cache) == 5
+    assert cache.reads == 5 and cache.count == 5
 
 
 def test_evaluation_canvas_is_ultralytics_rect_shape(tmp_path):

@@ -143,7 +143,10 @@ def accepted(message: str, path: tuple) -> bool:
     if parent and message.startswith(f"{prefix}{parent}: "):
         return True
     text = message[len(prefix):].split(": ", 1)[-1]
-    return mentions(text, mutated) or (bool(parent) and mentions(text, parent))
+    # A changed item of a list can surface as a count that no longer matches that list
+    # ("clients[1].domains.night: 1 images, but clients[1].images holds 0"): naming the list is enough.
+    holder = path_text(path[:-2]) if len(path) > 2 and isinstance(path[-2], int) else ""
+    return mentions(text, mutated) or (bool(parent) and mentions(text, parent)) or (bool(holder) and mentions(text, holder))
 
 
 OUTCOMES: Counter = Counter()

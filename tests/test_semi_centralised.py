@@ -1,7 +1,9 @@
 """Centralised semi-supervised check: do pseudo labels on unlabelled shifted images help there?
 
-Warm up yolo11n on clear labelled synthetic scenes (128 px, strong augmentation; mAP50 >= 0.25
-asserted). Then, per seed, from the same warm-up:
+Warm up yolo11n on clear labelled synthetic scenes (128 px, strong augmentation with a milder
+zoom, scale 0.25, than Ultralytics' 0.5, and 20 epochs: with 0.5 and 10 epochs the warm-up reached
+clear mAP50 0.074 on val()'s canvas; with these, 0.757 and a mean gain of +0.076 over the four
+seeds, 2026-12-05; mAP50 >= 0.25 asserted). Then, per seed, from the same warm-up:
 
 * **pseudo**: ``train_unlabelled`` on the unlabelled foggy images with a local EMA teacher
   (decay 0.999) and ``ignore`` mode, each step's pseudo-labelled batch joined by a batch of the
@@ -47,7 +49,7 @@ from detection.train import TrainConfig, train_labelled
 from detection.yolo import read_yolo_dataset
 
 IMGSZ = 128
-WARMUP_EPOCHS = 10
+WARMUP_EPOCHS = 20
 STEPS = 90
 LR = 0.002
 SHIFT = "foggy"
@@ -69,7 +71,7 @@ def test_pseudo_labels_beat_labelled_only_control_on_shifted_domain(tmp_path, re
     tests = fed.test_records()
 
     model = build_model("yolo11n.yaml", len(names), names)
-    train = TrainConfig(imgsz=IMGSZ, batch_size=16, augment="strong")
+    train = TrainConfig(imgsz=IMGSZ, batch_size=16, augment="strong", scale=0.25)
     opt = None
     for epoch in range(WARMUP_EPOCHS):
         _, opt = train_labelled(model, server, train.replace(warmup_steps=30 if epoch == 0 else 0),

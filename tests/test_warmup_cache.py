@@ -23,8 +23,7 @@ def entries(home) -> list[str]:
 
 
 def metrics(out) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in ("warmup_cache", "method")}
-            for row in without_timings(RunDir(out).read_metrics())]
+    return [{k: v for k, v in row.items() if k != "method"} for row in without_timings(RunDir(out).read_metrics())]
 
 
 def final_weights(out) -> dict:
