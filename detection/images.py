@@ -111,7 +111,7 @@ class LetterboxCache:
 
     @property
     def count(self) -> int:
-        """Images held now (not ``__len__``: an empty cache must stay truthy for ``cache or ...``)."""
+        """Images held now."""
         return len(self._images)
 
     def get(self, path: str) -> np.ndarray:

@@ -106,7 +106,7 @@ def predict_records(model: torch.nn.Module, records: Sequence[ImageRecord], imgs
     Consecutive records on canvases of one shape share a batch (``cache`` decides the canvas).
     """
     nms = nms or NmsConfig()
-    cache = cache or evaluation_cache(imgsz)
+    cache = evaluation_cache(imgsz) if cache is None else cache
     was_training = model.training
     model.eval()
     preds: list[np.ndarray] = []
@@ -137,7 +137,7 @@ def evaluate_records(model: torch.nn.Module, records: Sequence[ImageRecord], img
                      nms: NmsConfig | None = None, cache: LetterboxCache | None = None,
                      device: str | torch.device = "cpu") -> dict[str, float]:
     """mAP50 / mAP50-95 of a model on labelled records, as Ultralytics' ``val()`` computes them."""
-    cache = cache or evaluation_cache(imgsz)
+    cache = evaluation_cache(imgsz) if cache is None else cache
     if cache.rect_pad != VAL_RECT_PAD:
         raise ValueError("evaluate_records: the cache must be an evaluation_cache (Ultralytics' validation canvas)")
     preds = predict_records(model, records, imgsz, batch_size, nms, cache, device)
