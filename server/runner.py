@@ -213,8 +213,9 @@ class FederatedRun:
                  f"run dir {self.run_dir.path}")
         for stage, n, what in plan.describe():
             self.say(f"  {stage:>7} x{n}: {what}")
-        if any(s.clients for s in remaining):
-            self._discover()
+        first = next((s for s in remaining if s.clients), None)
+        if first is not None:
+            self._discover(first)
         total = len(plan.steps)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, disable=not (cfg.progress and self.console.is_terminal)) as bar:
@@ -266,25 +267,34 @@ class FederatedRun:
             self.warn(f"{where}: {failure}")
         self.state.site_failures += [{"step": self.state.step, "where": where, "reason": f} for f in failures]
 
-    def _discover(self) -> None:
+    def _discover(self, first: Step) -> None:
+        """Map partitions to nodes; round ``first.round`` needs its own sample, not a share of every client."""
         cfg, n = self.cfg, self.site.num_clients
+        wanted = self._sample(first.round)
         found = discover_partitions(self.grid, n, cfg.discovery_timeout, self._query_config(),
-                                    handshake=self._handshake())
+                                    handshake=self._handshake(), wanted=wanted)
         self._site_failures(found.failures, "partition discovery")
-        needed = required_replies(n, cfg.min_reply_fraction)
-        if len(found.nodes) < needed:
-            raise RunFailed(f"only {len(found.nodes)} of {n} clients answered the partition query "
-                            f"(min-reply-fraction {cfg.min_reply_fraction} needs {needed}): "
+        needed = max(required_replies(len(wanted), cfg.min_reply_fraction), 1)
+        present = [pid for pid in wanted if pid in found.nodes]
+        if len(present) < needed:
+            raise RunFailed(f"only {len(present)} of the {len(wanted)} clients round {first.round} samples answered the "
+                            f"partition query (min-reply-fraction {cfg.min_reply_fraction} needs {needed}): "
                             + "; ".join(found.failures[:4])
                             + (f"; in simulation start one SuperNode per client: flwr run ... --federation-config "
                                f"'num-supernodes={n}'" if not self.site.deployed else ""))
         self.discovery = found
-        num_sampled = len(sample_partitions(found.partitions, cfg.fraction_train, cfg.seed, 1))
         try:
-            self.strategy.check_round_size(num_sampled, required_replies(num_sampled, cfg.min_reply_fraction))
+            self.strategy.check_round_size(len(wanted), required_replies(len(wanted), cfg.min_reply_fraction))
         except StrategyError as err:
             raise RunFailed(f"before round 1: {err}") from None
-        self.say("clients: " + ", ".join(f"{pid}={info.get('domain')}({info.get('images')})" for pid, info in sorted(found.info.items())))
+        described = ", ".join(f"{pid}={info.get('domain')}({info.get('images')})" for pid, info in sorted(found.info.items())[:12])
+        more = len(found.info) - 12
+        self.say(f"clients: {len(found.nodes)} of {n} mapped; " + described + (f" and {more} more" if more > 0 else ""))
+
+    def _sample(self, server_round: int) -> list[int]:
+        """The partitions round ``server_round`` trains: drawn from every partition of the federation, not only
+        those that answered, so a seed picks the same clients however sites connect."""
+        return sample_partitions(range(self.site.num_clients), self.cfg.fraction_train, self.cfg.seed, server_round)
 
     def _run_step(self, step: Step) -> None:
         cfg = self.cfg
@@ -406,18 +416,20 @@ class FederatedRun:
     def _client_round(self, step: Step) -> dict:
         cfg = self.cfg
         self._refresh_nodes()
-        sampled = sample_partitions(self.discovery.partitions, cfg.fraction_train, cfg.seed, step.round)
+        sampled = self._sample(step.round)
         ins = self.instructions(step, evaluate_personal=step.evaluate and cfg.eval_personal)
         upload_keys = self.strategy.upload_keys(self.model, ins.upload)
         global_state = get_state(self.model)
         self.strategy.configure_round(RoundContext(step.round, global_state, upload_keys, self.parameter_keys, len(sampled)))
         extra = self.strategy.server_arrays()
         arrays = self._broadcast(extra)
-        messages, sent = self._messages(sampled, arrays, ins, protocol.TRAIN)
+        unmapped = [pid for pid in sampled if pid not in self.discovery.nodes]
+        messages, sent = self._messages([pid for pid in sampled if pid in self.discovery.nodes], arrays, ins, protocol.TRAIN)
         expected = expected_specs(with_extra({k: global_state[k] for k in upload_keys}, extra))
         replies = self._exchange(messages, sent, expected)
+        replies.failures += [f"client-{pid}: sampled, but no connected node has answered for this partition" for pid in unmapped]
         row: dict = {"sampled": sampled, "replies": len(replies.ok), "failures": replies.num_failures,
-                     "failure_reasons": replies.failures, "bytes_down": arrays.count_bytes() * len(sampled),
+                     "failure_reasons": replies.failures, "bytes_down": arrays.count_bytes() * len(messages),
                      "bytes_up": int(sum(r.content[protocol.ARRAYS].count_bytes() for r in replies.ok)),
                      "bytes_model": ArrayRecord(get_state(self.model)).count_bytes(),
                      "upload_keys": len(upload_keys), "rejected": replies.rejected}

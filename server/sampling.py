@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,12 +95,18 @@ def read_partition_reply(reply: Message) -> dict:
 
 
 def discover_partitions(grid, expected: int, timeout: float, config: Mapping | None = None,
-                        poll: float = 1.0, handshake: Mapping | None = None) -> Discovery:
-    """Ask every connected node for its partition id.
+                        poll: float = 1.0, handshake: Mapping | None = None,
+                        wanted: Collection[int] | None = None) -> Discovery:
+    """Ask every connected node for its partition id, until the partitions ``wanted`` have answered.
 
-    Waits until ``expected`` nodes are connected (or ``timeout`` passes), sends each a
-    ``query.partition`` message and maps partition ids to node ids. Duplicate or out-of-range ids,
-    error replies and sites whose handshake differs are recorded in ``failures``.
+    The discovery rule: each connected node gets one ``query.partition`` message (nodes that
+    connect while waiting are asked as they come). Waiting ends as soon as every partition in
+    ``wanted`` (the first client round's sample; default: all ``expected``) is mapped, when all
+    ``expected`` nodes have been asked, or after ``timeout``. With 1,000 clients and 10 per round,
+    round 1 therefore waits for its own 10, not for a fraction of all; partitions that connect
+    later are asked before the round that samples them (``query_partitions``). Duplicate or
+    out-of-range ids, error replies and sites whose handshake differs are recorded in
+    ``failures``; so are ``wanted`` partitions still missing at the end.
 
     Parameters
     ----------
@@ -111,24 +117,43 @@ def discover_partitions(grid, expected: int, timeout: float, config: Mapping | N
         Seconds to wait for nodes and replies together.
     config : mapping, optional
         Extra ConfigRecord entries for the query (e.g. the manifest path the server uses).
+    poll : float
+        Seconds between looks for newly connected nodes.
     handshake : mapping, optional
         What every site must report: ``protocol.FEDERATION_ID`` and the ``version-*`` keys of
         :func:`strategies.protocol.site_versions`; a site that differs is refused (see
         :func:`handshake_problem`).
+    wanted : collection of int, optional
+        The partitions the first client round needs.
     """
+    wanted = set(range(expected)) if wanted is None else {int(p) for p in wanted}
     deadline = time.monotonic() + timeout
-    node_ids = list(grid.get_node_ids())
-    if len(node_ids) < expected:
-        log.warning("%d of %d clients connected; waiting up to %.0fs (simulation: flwr run ... --federation-config "
-                    "'num-supernodes=%d')", len(node_ids), expected, timeout, expected)
-    while len(node_ids) < expected and time.monotonic() < deadline:
+    found, asked, warned = Discovery(), set(), False
+    while True:
+        connected = set(grid.get_node_ids())
+        new = sorted(connected - asked)
+        if new:
+            asked |= set(new)
+            query_partitions(grid, new, found, expected, max(1.0, deadline - time.monotonic()), config, handshake,
+                             connected=connected)
+        missing = sorted(wanted - set(found.nodes))
+        if not missing or len(asked) >= expected or time.monotonic() >= deadline:
+            break
+        if not warned:
+            log.warning("%d of %d clients connected, partitions %s not yet among them; waiting up to %.0fs "
+                        "(simulation: flwr run ... --federation-config 'num-supernodes=%d')",
+                        len(connected), expected, _ids(missing), timeout, expected)
+            warned = True
         time.sleep(poll)
-        node_ids = list(grid.get_node_ids())
-    found = Discovery()
-    if len(node_ids) < expected:
-        found.failures.append(f"only {len(node_ids)} of {expected} clients connected within {timeout:.0f}s")
-    query_partitions(grid, node_ids, found, expected, max(1.0, deadline - time.monotonic()), config, handshake)
+    if missing:
+        found.failures.append(f"{len(asked)} of {expected} clients connected within {timeout:.0f}s; "
+                              f"partitions {_ids(missing)} did not answer")
     return found
+
+
+def _ids(partitions: Sequence[int], limit: int = 8) -> str:
+    shown = ", ".join(str(p) for p in partitions[:limit])
+    return shown + (f" and {len(partitions) - limit} more" if len(partitions) > limit else "")
 
 
 def query_partitions(grid, node_ids, found: Discovery, expected: int, timeout: float, config: Mapping | None = None,

@@ -165,6 +165,22 @@ def test_half_the_replies_are_enough_when_allowed(weather_federation, warm_weigh
     assert result["status"] == "completed" and result["failures"] == 1 and result["failures_by_step"] == {"1": 1}
 
 
+def test_round_one_needs_its_sampled_clients_and_names_the_missing(weather_federation, warm_weights, tmp_path):
+    # Two clients in the federation, one node connected: round 1 samples both, so it cannot start.
+    cfg = run_config(weather_federation, tmp_path / "run", weights=warm_weights, **{"discovery-timeout": 0.5})
+    with pytest.raises(RunFailed, match=r"only 1 of the 2 clients round 1 samples answered.*partitions 1 did not answer"):
+        FederatedRun(InProcessGrid(client.app.app, 1), cfg).run()
+
+
+@pytest.mark.slow
+def test_a_sampled_client_that_never_connects_is_a_failure_of_each_round(weather_federation, warm_weights, tmp_path):
+    cfg = run_config(weather_federation, tmp_path / "run", weights=warm_weights,
+                     **{"discovery-timeout": 0.5, "min-reply-fraction": 0.5, "eval-personal": False})
+    result = FederatedRun(InProcessGrid(client.app.app, 1), cfg).run()
+    assert result["status"] == "completed" and result["failures_by_step"] == {"1": 1, "2": 1}
+    assert all("client-1: sampled, but no connected node" in f["reason"] for f in result["failure_reasons"])
+
+
 class Crash(BaseException):
     """Stands in for SIGKILL: not an Exception, so nothing in the loop handles it."""
 

@@ -66,8 +66,24 @@ def test_discovery_reports_failures_and_missing_nodes():
     grid = InProcessGrid(_echo_app(bad_pid=1), 3)
     found = discover_partitions(grid, expected=4, timeout=0.1, poll=0.05)
     assert found.partitions == [0, 2]
-    assert any("only 3 of 4 clients" in f for f in found.failures)
+    assert any("3 of 4 clients connected" in f and "partitions 1, 3 did not answer" in f for f in found.failures)
     assert any("no data here" in f for f in found.failures)
+
+
+def test_discovery_waits_for_the_first_rounds_sample_not_for_every_client():
+    import time
+
+    # 1,000 clients in the federation, 12 connected: round 1 samples partitions 2 and 5, so the
+    # query of the 12 is enough and nothing waits for the other 988.
+    grid = InProcessGrid(_echo_app(), 12, seed=1)
+    t0 = time.monotonic()
+    found = discover_partitions(grid, expected=1000, timeout=30, poll=0.05, wanted=[2, 5])
+    assert time.monotonic() - t0 < 15
+    assert found.partitions == list(range(12)) and found.failures == []
+    # A wanted partition that never connects is waited for until the timeout, then named.
+    found = discover_partitions(grid, expected=1000, timeout=0.3, poll=0.05, wanted=[2, 500])
+    assert found.partitions == list(range(12))
+    assert len(found.failures) == 1 and "partitions 500 did not answer" in found.failures[0]
 
 
 def test_a_site_back_with_a_new_node_id_takes_its_partition_but_a_second_copy_does_not():
