@@ -133,6 +133,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = {k: 0.0 for k in DEFAULT_REPLY_METRICS}
     if ins.evaluate_personal and site.deployed:  # federated evaluation: the broadcast on the site's own hold-out
         metrics.update(evaluate_on_site(model, site, ins.imgsz, "site", device))
+    trained = time.perf_counter()
     try:
         stats = train_round(model, site, ins, strategy.client_loss(model, ins), device)
     except torch.cuda.OutOfMemoryError:
@@ -151,13 +152,15 @@ def train(msg: Message, context: Context) -> Message:
             raise ClientOutOfMemory(f"partition {site.partition_id}: CUDA out of memory at batch {ins.batch_size * 2} "
                                     f"and again at {ins.batch_size} on {device}; {cuda_memory(device)}") from None
         metrics["oom_batch_size"] = float(ins.batch_size)
+    train_seconds = time.perf_counter() - trained
     store.save(ins.server_round, strategy.client_state(model))
     metrics.update(stats.as_metrics())
     if ins.evaluate_personal:
         metrics.update(evaluate_on_site(model, site, ins.imgsz, "personal", device))
     metrics.update({protocol.NUM_EXAMPLES: float(examples_used(stats)), "local_images": float(len(site.images)),
                     protocol.PARTITION_ID: float(site.partition_id),
-                    "threads": float(threads), "client_seconds": time.perf_counter() - start})
+                    "threads": float(threads), "client_seconds": time.perf_counter() - start,
+                    "setup_seconds": trained - start, "train_seconds": train_seconds})
     upload = ArrayRecord(with_extra(get_state(model, strategy.upload_keys(model, ins.upload)), strategy.client_arrays()))
     info = ConfigRecord({protocol.DOMAIN: site.domain, "phase": ins.phase})
     log.info("partition %d round %d (%s): %d steps, %.1fs", site.partition_id, ins.server_round, ins.phase, stats.steps,

@@ -10,6 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.config import RunConfig
+from server.ray_recovery import install_actor_replacement
 from server.runner import FederatedRun
 
 app = ServerApp()
@@ -19,4 +20,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured method (see ``server.plan``) to the end, or raise."""
     cfg = RunConfig.from_run_config(context.run_config)
+    install_actor_replacement()  # simulation: this thread shares its process with Flower's Ray backend
     FederatedRun(grid, cfg).run()

@@ -26,12 +26,13 @@ from detection.train import AUGMENTS
 from detection.ultralytics_env import fedsto_home
 from strategies import StrategyError, get_strategy
 from strategies.protocol import ClientKnobs
+from strategies.transport import ENCODINGS as TRANSPORT_ENCODINGS
 
 METHODS = ("partial", "full", "ssfl", "fedsto-st", "fedsto")
 # Knobs with a fixed set of values, and where each set is defined.
 SERVER_MOMENTUM = ("carry", "reset")
 CHOICES = {"method": METHODS, "server_augment": AUGMENTS, "pseudo_mode": PSEUDO_MODES, "ortho_form": ORTHO_FORMS,
-           "server_momentum": SERVER_MOMENTUM, "ema_update": EMA_UPDATES}
+           "server_momentum": SERVER_MOMENTUM, "ema_update": EMA_UPDATES, "transport": TRANSPORT_ENCODINGS}
 
 
 class ConfigError(ValueError):

@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from server import rundir as rd
 from server.config import RunConfig
 from server.plan import Plan, Step, build_plan
 from server.prepare import ensure_synthetic_federation
+from server.ray_recovery import worker_died
 from server.rounds import (RoundReplies, classify_replies, mean_losses, personal_summary, pseudo_summary, reply_domain,
                            reply_metrics, required_replies, site_summary)
 from server.sampling import Discovery, discover_partitions, query_partitions, sample_partitions, sample_teacher_check
@@ -58,6 +60,16 @@ log = logging.getLogger("fedsto.server")
 
 # Seed stream of the server-side regulariser's power-iteration vectors.
 SERVER_ORTHO_STREAM = 0x05E7
+
+
+@contextmanager
+def timed(parts: dict, key: str):
+    """Add the seconds the block takes to ``parts[key]`` (a round's ``seconds_by_part``)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        parts[key] = parts.get(key, 0.0) + time.perf_counter() - t0
 
 
 class RunFailed(RuntimeError):
@@ -94,6 +106,7 @@ class FederatedRun:
         self.state = ServerState()
         self.optimizer_state: dict | None = None
         self.discovery: Discovery | None = None
+        self._reply_base, self._wire_bytes_up = None, 0  # this round's delta base and received bytes (transport)
         self.run_dir: rd.RunDir | None = None
         self._log_file = None
 
@@ -307,8 +320,10 @@ class FederatedRun:
                 self.state.teacher_checked = True
             row.update(self._client_round(step))
         server = []
+        parts = row.setdefault("seconds_by_part", {})
         if step.clients and cfg.server_momentum == "reset":
             self.optimizer_state = None
+        t_server = time.perf_counter()
         for epoch in range(step.server_epochs):
             reg = None
             if step.orthogonality and cfg.ortho_lambda > 0:
@@ -321,16 +336,19 @@ class FederatedRun:
                                                          cache=self.train_cache, seed_parts=(step.index, epoch),
                                                          loss_hook=self.strategy.server_loss(self.model))
             server.append(stats.as_metrics())
+        parts["server_epochs"] = time.perf_counter() - t_server
         if server:
             row["server"] = {k: float(np.mean([s.get(k, 0.0) for s in server])) for k in server[-1]}
             row["server"]["epochs"] = len(server)
             row["server"]["orthogonality"] = bool(step.orthogonality and cfg.ortho_lambda > 0)
         if step.evaluate:
-            results = evaluate_domains(self.model, self.tests, cfg.imgsz, device=self.device, caches=self.eval_caches)
+            with timed(parts, "evaluation"):
+                results = evaluate_domains(self.model, self.tests, cfg.imgsz, device=self.device, caches=self.eval_caches)
             row["eval"] = round_metrics(results)
             self.state.last_eval = row["eval"]
         seconds = time.perf_counter() - t0
         self.state.elapsed += seconds
+        row["seconds_by_part"] = {k: round(v, 4) for k, v in parts.items()}
         row["seconds"] = round(seconds, 3)
         row["elapsed"] = round(self.state.elapsed, 3)
         self.run_dir.append_metrics(row)
@@ -387,17 +405,45 @@ class FederatedRun:
 
     def _messages(self, partitions: list[int], arrays: ArrayRecord, ins: RoundInstructions, message_type: str) -> tuple[list[Message], dict[int, int]]:
         config = ConfigRecord(ins.to_config())
-        packed, layout = transport.pack_arrays(arrays)  # once per round, not per client
+        packed, layout = transport.pack_arrays(arrays, ins.transport)  # once per round, not per client
+        # What the clients will decode: the base of their fp16-delta replies.
+        self._reply_base = (transport.as_base(transport.unpack_arrays(packed, layout))
+                            if ins.transport == transport.HALF_DELTA else None)
         sent = {self.discovery.nodes[pid]: pid for pid in partitions}
         messages = [Message(RecordDict({protocol.ARRAYS: packed, transport.LAYOUT: layout, protocol.CONFIG: config}),
                             dst_node_id=nid, message_type=message_type) for nid in sorted(sent, key=sent.get)]
         return messages, sent
 
-    def _exchange(self, messages: list[Message], sent: dict[int, int], expected=None) -> RoundReplies:
-        """Send a round's messages; the replies, arrays unpacked (``strategies.transport``), sorted and guarded."""
-        replies = [transport.unpacked(r) for r in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)]
+    def _exchange(self, messages: list[Message], sent: dict[int, int], expected=None, parts: dict | None = None) -> RoundReplies:
+        """Send a round's messages; the replies, arrays unpacked (``strategies.transport``), sorted and guarded.
+
+        A message whose simulation worker died (``server.ray_recovery``) is sent once more, to the
+        worker that replaced it; a second death is a failure like any other.
+        """
+        parts = {} if parts is None else parts
+        with timed(parts, "exchange"):
+            replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
         message_nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set by the push
-        return classify_replies(replies, sent, expected, guard=self.cfg.reply_guard, message_nodes=message_nodes)
+        by_id = {m.metadata.message_id: m for m in messages}
+        lost = [r for r in replies if r.has_error() and worker_died(r.error.reason) and r.metadata.reply_to_message_id in by_id]
+        if lost:
+            again = []
+            for reply in lost:
+                first = by_id[reply.metadata.reply_to_message_id]
+                nid = first.metadata.dst_node_id
+                reason = reply.error.reason.split("\n")[0][:300]
+                self._site_failures([f"partition {sent.get(nid)} (node {nid}): its simulation worker died ({reason}); "
+                                     "sent again to a new worker"], f"step {self.state.step + 1}")
+                again.append(Message(first.content, dst_node_id=nid, message_type=first.metadata.message_type))
+            replies = [r for r in replies if r not in lost]
+            with timed(parts, "exchange"):
+                replies += list(self.grid.send_and_receive(again, timeout=self.cfg.round_timeout))
+            message_nodes.update({m.metadata.message_id: m.metadata.dst_node_id for m in again})
+        self._wire_bytes_up = sum(transport.wire_bytes(r) for r in replies if not r.has_error())
+        with timed(parts, "deserialise"):
+            replies = [transport.unpacked(r, self._reply_base) for r in replies]
+        with timed(parts, "guard"):
+            return classify_replies(replies, sent, expected, guard=self.cfg.reply_guard, message_nodes=message_nodes)
 
     def _refresh_nodes(self) -> None:
         """Query nodes that connected since discovery (a restarted or late site) and remap their partitions."""
@@ -417,21 +463,24 @@ class FederatedRun:
         cfg = self.cfg
         self._refresh_nodes()
         sampled = self._sample(step.round)
-        ins = self.instructions(step, evaluate_personal=step.evaluate and cfg.eval_personal)
-        upload_keys = self.strategy.upload_keys(self.model, ins.upload)
-        global_state = get_state(self.model)
-        self.strategy.configure_round(RoundContext(step.round, global_state, upload_keys, self.parameter_keys, len(sampled)))
-        extra = self.strategy.server_arrays()
-        arrays = self._broadcast(extra)
+        parts: dict[str, float] = {}  # where the round's time goes (benchmarks/sim_overhead.py)
+        with timed(parts, "prepare"):
+            ins = self.instructions(step, evaluate_personal=step.evaluate and cfg.eval_personal)
+            upload_keys = self.strategy.upload_keys(self.model, ins.upload)
+            global_state = get_state(self.model)
+            self.strategy.configure_round(RoundContext(step.round, global_state, upload_keys, self.parameter_keys, len(sampled)))
+            extra = self.strategy.server_arrays()
+            arrays = self._broadcast(extra)
         unmapped = [pid for pid in sampled if pid not in self.discovery.nodes]
-        messages, sent = self._messages([pid for pid in sampled if pid in self.discovery.nodes], arrays, ins, protocol.TRAIN)
+        with timed(parts, "serialise"):
+            messages, sent = self._messages([pid for pid in sampled if pid in self.discovery.nodes], arrays, ins, protocol.TRAIN)
         expected = expected_specs(with_extra({k: global_state[k] for k in upload_keys}, extra))
-        replies = self._exchange(messages, sent, expected)
-        replies.failures += [f"client-{pid}: sampled, but no connected node has answered for this partition" for pid in unmapped]
+        replies = self._exchange(messages, sent, expected, parts)
+        replies.failures += [f"partition {pid}: sampled, but no connected node has answered for it" for pid in unmapped]
         row: dict = {"sampled": sampled, "replies": len(replies.ok), "failures": replies.num_failures,
-                     "failure_reasons": replies.failures, "bytes_down": arrays.count_bytes() * len(messages),
-                     "bytes_up": int(sum(r.content[protocol.ARRAYS].count_bytes() for r in replies.ok)),
-                     "bytes_model": ArrayRecord(get_state(self.model)).count_bytes(),
+                     "failure_reasons": replies.failures, "bytes_down": sum(transport.wire_bytes(m) for m in messages),
+                     "bytes_up": self._wire_bytes_up, "bytes_model": ArrayRecord(get_state(self.model)).count_bytes(),
+                     "transport": ins.transport,
                      "upload_keys": len(upload_keys), "rejected": replies.rejected}
         self.state.failures += replies.num_failures
         self.state.rejections += [{"round": step.round, **r} for r in replies.rejected]
@@ -450,12 +499,14 @@ class FederatedRun:
                             + "; ".join(replies.failures))
         per_client = {str(int(reply_metrics(r)[protocol.PARTITION_ID])): reply_metrics(r) for r in replies.ok}
         domains = {str(int(reply_metrics(r)[protocol.PARTITION_ID])): reply_domain(r) for r in replies.ok}
-        aggregate, _ = self.strategy.aggregate(step.round, replies.ok)
-        if aggregate is None:
-            raise RunFailed(f"round {step.round}: the strategy produced no aggregate from {len(replies.ok)} replies")
-        model_part, extra_part = split_extra(aggregate)
-        set_state(self.model, self.strategy.merge(global_state, model_part))
-        self.strategy.load_server_arrays(extra_part)
+        with timed(parts, "aggregate"):
+            aggregate, _ = self.strategy.aggregate(step.round, replies.ok)
+            if aggregate is None:
+                raise RunFailed(f"round {step.round}: the strategy produced no aggregate from {len(replies.ok)} replies")
+            model_part, extra_part = split_extra(aggregate)
+            set_state(self.model, self.strategy.merge(global_state, model_part))
+            self.strategy.load_server_arrays(extra_part)
+        row["seconds_by_part"] = parts
         row["clients"] = {pid: {"domain": domains[pid], **m} for pid, m in sorted(per_client.items(), key=lambda kv: int(kv[0]))}
         row["client_losses"] = mean_losses(per_client)
         row["pseudo"] = pseudo_summary(per_client)

@@ -134,6 +134,11 @@ class ClientKnobs:
         Letterboxed pixels a client process keeps in memory (least recently used are dropped and
         read again from disk when needed): memory stays flat however many partitions a Ray actor
         serves. A partition that fits is read from disk once.
+    transport : str
+        How weights travel (``strategies.transport``): ``fp32`` (as they are), ``fp16`` (float32
+        tensors as float16 both ways: half the bytes) or ``fp16-delta`` (float16 broadcast, replies
+        as the float16 difference from it). Decoded before the reply guard, so strategies always
+        aggregate float32 weights.
     """
 
     strategy: str = "fedavg"
@@ -163,6 +168,7 @@ class ClientKnobs:
     device: str = "auto"
     amp: bool = True
     oom_retry: bool = True
+    transport: str = "fp32"
 
 
 CLIENT_KNOBS = tuple(f.name for f in fields(ClientKnobs))

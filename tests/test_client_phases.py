@@ -178,7 +178,25 @@ def test_a_sampled_client_that_never_connects_is_a_failure_of_each_round(weather
                      **{"discovery-timeout": 0.5, "min-reply-fraction": 0.5, "eval-personal": False})
     result = FederatedRun(InProcessGrid(client.app.app, 1), cfg).run()
     assert result["status"] == "completed" and result["failures_by_step"] == {"1": 1, "2": 1}
-    assert all("client-1: sampled, but no connected node" in f["reason"] for f in result["failure_reasons"])
+    assert all("partition 1: sampled, but no connected node" in f["reason"] for f in result["failure_reasons"])
+
+
+@pytest.mark.slow
+def test_a_message_whose_worker_died_is_sent_again_once(weather_federation, warm_weights, tmp_path):
+    deaths = []
+
+    def worker_dies_once(pid, msg):
+        if pid == 1 and msg.metadata.message_type == "train" and not deaths:
+            deaths.append(pid)
+            raise RuntimeError("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task")
+        return False
+
+    cfg = run_config(weather_federation, tmp_path / "run", weights=warm_weights, **{"eval-personal": False})
+    result = FederatedRun(InProcessGrid(client.app.app, 2, fail=worker_dies_once), cfg).run()
+    assert deaths == [1]
+    assert result["status"] == "completed" and result["failures"] == 0
+    (death,) = result["site_failures"]
+    assert "partition 1" in death["reason"] and "worker died" in death["reason"] and "ActorDiedError" in death["reason"]
 
 
 class Crash(BaseException):

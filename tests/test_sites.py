@@ -35,7 +35,8 @@ HOLDOUT = 4
 
 # Every key a deployed site's replies may carry (docs/deployment.md, "What leaves a site").
 SITE_METRIC_KEYS = {
-    "num-examples", "partition-id", "local_images", "threads", "client_seconds", "steps", "images", "seconds", "oom_batch_size",
+    "num-examples", "partition-id", "local_images", "threads", "client_seconds", "setup_seconds", "train_seconds",
+    "steps", "images", "seconds", "oom_batch_size",
     "steps_skipped", "images_skipped", "pseudo_images", "pseudo_reliable", "pseudo_uncertain", "ema_decay",
     "reliable_per_image", "uncertain_per_image", "site_map50", "site_map50_95", "personal_map50", "personal_map50_95",
 }

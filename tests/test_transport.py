@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -60,3 +62,57 @@ def test_the_client_mod_hands_the_handler_plain_arrays_and_packs_its_reply():
     reply = packed_arrays_mod(incoming, None, handler)
     assert seen["keys"] == ["a", "b"]
     assert list(reply.content[protocol.ARRAYS]) == [PACKED] and LAYOUT in reply.content.config_records
+
+
+def test_fp16_halves_the_float_bytes_and_keeps_integer_buffers_exact():
+    state = get_state(build_model("yolo11n.yaml", 5))
+    record = ArrayRecord(state)
+    full, _ = pack_arrays(record)
+    half, layout = pack_arrays(record, "fp16")
+    ints = sum(t.numel() * t.element_size() for t in state.values() if not t.is_floating_point())
+    assert half.count_bytes() - ints / 2 == pytest.approx(full.count_bytes() / 2, rel=1e-3)
+    back = unpack_arrays(half, layout).to_torch_state_dict()
+    for key, tensor in state.items():
+        assert back[key].dtype == tensor.dtype and back[key].shape == tensor.shape, key
+        if tensor.is_floating_point():
+            assert torch.allclose(back[key], tensor, rtol=1e-3, atol=1e-4), key
+        else:
+            assert torch.equal(back[key], tensor), key
+
+
+def test_fp16_delta_sends_the_update_so_the_weights_keep_their_precision():
+    torch.manual_seed(0)
+    broadcast = {"w": torch.randn(1000) * 10, "n": torch.tensor(7)}
+    trained = {"w": broadcast["w"] + torch.randn(1000) * 1e-3, "n": torch.tensor(8)}
+    # The client's base is the broadcast as it arrived (fp16), the server decodes with the same.
+    down, down_layout = pack_arrays(ArrayRecord(broadcast), "fp16-delta")
+    base = {k: a.numpy() for k, a in unpack_arrays(down, down_layout).items()}
+    client_start = torch.from_numpy(base["w"])
+    client_trained = client_start + (trained["w"] - broadcast["w"])
+    up, up_layout = pack_arrays(ArrayRecord({"w": client_trained, "n": trained["n"]}), "fp16-delta", base)
+    assert [e[3] for e in json.loads(up_layout["layout"])] == ["fp16-delta", "raw"]
+    back = unpack_arrays(up, up_layout, base).to_torch_state_dict()
+    delta_error = (back["w"] - client_trained).abs().max().item()
+    plain_error = (torch.from_numpy(unpack_arrays(*pack_arrays(ArrayRecord({"w": client_trained}), "fp16"))["w"].numpy())
+                   - client_trained).abs().max().item()
+    assert delta_error < 1e-6 < plain_error  # fp16 of the weights loses ~1e-2 at magnitude 10; of the update, nothing
+    assert back["n"].item() == 8
+    with pytest.raises(TransportError, match="no broadcast is known"):
+        unpack_arrays(up, up_layout)
+
+
+def test_the_client_mod_replies_in_the_runs_transport_against_the_broadcast_it_received():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    broadcast = {"w": torch.full((4,), 3.0)}
+
+    def handler(message, context):
+        w = message.content[protocol.ARRAYS]["w"].numpy()
+        return Message(RecordDict({protocol.ARRAYS: ArrayRecord({"w": torch.from_numpy(w + 0.5)})}), reply_to=message)
+
+    content = pack_content(RecordDict({protocol.ARRAYS: ArrayRecord(broadcast),
+                                       protocol.CONFIG: ConfigRecord({"transport": "fp16-delta"})}), "fp16-delta")
+    down_base = {k: a.numpy() for k, a in unpack_content(content)[protocol.ARRAYS].items()}
+    reply = packed_arrays_mod(Message(content, dst_node_id=1, message_type="train"), None, handler)
+    assert reply.content[protocol.ARRAYS][PACKED].numpy().nbytes == 4 * 2  # float16 on the wire
+    back = unpack_content(reply.content, down_base)[protocol.ARRAYS]["w"].numpy()
+    assert np.array_equal(back, np.full(4, 3.5, np.float32))
