@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from detection.synthetic import write_synthetic_dataset
     from detection.yolo import read_yolo_dataset
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=160)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_synthetic_dataset(Path(tmp) / "synth", num_images=(args.steps + args.warmup) * args.batch,
                                        imgsz=args.imgsz, seed=0, progress=False)

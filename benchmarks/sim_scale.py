@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from detection.ultralytics_env import fedsto_home
 
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, width=160)
     work = fedsto_home() / "bench" / "sim-scale"
     work.mkdir(parents=True, exist_ok=True)
     sizes = [run_size(int(n), args, work, console) for n in args.clients.split(",")]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 
 import torch
@@ -46,6 +47,14 @@ from strategies.protocol import RoundInstructions
 from strategies.transport import packed_arrays_mod
 
 log = logging.getLogger("fedsto.client")
+
+
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on when it is a simulation's actor (None on a SuperNode)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
 
 
 class ClientOutOfMemory(RuntimeError):
@@ -163,6 +172,9 @@ def train(msg: Message, context: Context) -> Message:
                     "setup_seconds": trained - start, "train_seconds": train_seconds})
     upload = ArrayRecord(with_extra(get_state(model, strategy.upload_keys(model, ins.upload)), strategy.client_arrays()))
     info = ConfigRecord({protocol.DOMAIN: site.domain, "phase": ins.phase})
+    node = ray_node_id()
+    if node is not None:  # simulation: which machine of the Ray cluster trained this client
+        info[protocol.RAY_NODE] = node
     log.info("partition %d round %d (%s): %d steps, %.1fs", site.partition_id, ins.server_round, ins.phase, stats.steps,
              metrics["client_seconds"])
     return Message(RecordDict({protocol.ARRAYS: upload, protocol.METRICS: MetricRecord(finite_metrics(metrics)),

@@ -508,6 +508,10 @@ class FederatedRun:
             self.strategy.load_server_arrays(extra_part)
         row["seconds_by_part"] = parts
         row["clients"] = {pid: {"domain": domains[pid], **m} for pid, m in sorted(per_client.items(), key=lambda kv: int(kv[0]))}
+        for r in replies.ok:  # simulation on a Ray cluster: where each client ran
+            node = r.content.config_records[protocol.INFO].get(protocol.RAY_NODE) if protocol.INFO in r.content.config_records else None
+            if node is not None:
+                row["clients"][str(int(reply_metrics(r)[protocol.PARTITION_ID]))]["ray_node"] = str(node)
         row["client_losses"] = mean_losses(per_client)
         row["pseudo"] = pseudo_summary(per_client)
         if ins.evaluate_personal:

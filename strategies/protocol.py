@@ -36,6 +36,7 @@ PARTITION_ID = "partition-id"
 DOMAIN = "domain"
 FEDERATION_ID = "federation-id"
 VERSION_PREFIX = "version-"  # info keys of the partition query's version handshake
+RAY_NODE = "ray-node"  # info key of a simulated client's train reply: the Ray node it ran on
 
 
 def site_versions(model_yaml: str) -> dict[str, str]:
