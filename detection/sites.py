@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -204,16 +205,17 @@ def load_client_site(path: str | Path, partition_id: int | None = None, check_fi
         As :func:`load_server_site`; also a partition id that does not match the site manifest.
     """
     file = _manifest_file(path)
-    manifest, text = read_manifest_text(file)
-    if manifest.get("format") == FORMAT:
+    parsed = _parsed_federation(str(file), *_stamp(file))
+    if parsed is not None:
         if partition_id is None:
             raise FederationError(f"{file}: a federation manifest holds every client; the node needs a partition-id")
-        fed = _federation(manifest, file)
+        fed, fed_id = parsed
         domain = fed.client_domain(partition_id)
         site = ClientSite(file, int(partition_id), fed.class_names, domain, fed.client_images(partition_id),
-                          fed.client_hidden_records(partition_id), fed.test_records(domain)[domain], federation_id(text),
+                          fed.client_hidden_records(partition_id), fed.test_records(domain)[domain], fed_id,
                           deployed=False)
     else:
+        manifest, _ = read_manifest_text(file)
         m = _check_site(manifest, file, "client")
         if partition_id is not None and int(partition_id) != m["partition_id"]:
             raise FederationError(f"{file}: site {m['site']!r} is partition {m['partition_id']}, but the node config "
@@ -230,6 +232,25 @@ def load_client_site(path: str | Path, partition_id: int | None = None, check_fi
     if check_files:
         site.check_files()
     return site
+
+
+def _stamp(file: Path) -> tuple[int, int]:
+    st = file.stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@lru_cache(maxsize=2)
+def _parsed_federation(file: str, mtime_ns: int, size: int) -> tuple[Federation, str] | None:
+    """A federation manifest parsed and validated once per process (None: a site manifest).
+
+    A simulation actor serves many partitions one after the other; parsing the whole manifest
+    for each would cost more than their rounds at a thousand clients. The key includes the
+    file's modification time and size, so a rewritten manifest is read again.
+    """
+    manifest, text = read_manifest_text(Path(file))
+    if manifest.get("format") != FORMAT:
+        return None
+    return _federation(manifest, Path(file)), federation_id(text)
 
 
 def _record(root: Path, entry: dict, labels: list, domain: str) -> ImageRecord:

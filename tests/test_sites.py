@@ -220,7 +220,7 @@ def test_a_site_of_another_federation_or_version_is_refused_by_name(sites, sites
     proxy = types.SimpleNamespace(**{k: getattr(protocol, k) for k in dir(protocol) if not k.startswith("__")})
     proxy.site_versions = old_flwr_on_partition_0
     monkeypatch.setattr(client.app, "protocol", proxy)
-    with pytest.raises(RunFailed, match="only 0 of 2 clients answered") as err:
+    with pytest.raises(RunFailed, match="only 0 of the 2 clients round 1 samples answered") as err:
         FederatedRun(site_grid(mixed), deploy_config(folders["server"], tmp_path / "run", weights=warm_weights)).run()
     text = str(err.value)
     assert re.search(r"site client-0 \(node \d+\) refused: flwr 1.41.2 there, 1.42.\d+ here", text), text
