@@ -114,7 +114,8 @@ class RunConfig(ClientKnobs):
     round_timeout : float
         Seconds to wait for the replies of a round.
     discovery_timeout : float
-        Seconds to wait for every client to answer the partition query.
+        Seconds to wait for the partitions the first client round samples to answer the partition
+        query (the discovery rule: docs/deployment.md).
     eval_every : int
         Evaluate the server model (and the clients' personalised models) every N rounds; the last
         round and the end of the warm-up are always evaluated.

@@ -241,9 +241,12 @@ class FederatedRun:
 
     def _reuse_warmup(self) -> None:
         """Start after the warm-up when the cache holds this run's (as a resume from its last epoch would)."""
-        entry = self.warmup_cache.load(self.warmup_key)
+        entry, source = self.warmup_cache.load(self.warmup_key), self.warmup_key
         if entry is None:
-            return
+            prefix = self.warmup_cache.longest_prefix(self.warmup_parts)
+            if prefix is None:
+                return
+            source, entry = prefix
         checkpoint = entry["checkpoint"]
         self.state, self.optimizer_state = restore_checkpoint(self.model, checkpoint)
         self.strategy.load_state_dict(checkpoint.get("strategy_state") or {})
@@ -252,8 +255,11 @@ class FederatedRun:
         last = self.plan.steps[self.state.step - 1]
         self._checkpoint(last, is_best=self.state.best_step == last.index)
         self.warmup_reused_seconds = entry["seconds"]
-        self.say(f"warm-up: {self.plan.warmup_epochs} epochs reused from {self.warmup_cache.folder(self.warmup_key)} "
-                 f"(trained {entry['created']} in {entry['seconds']:.0f}s); warmup-cache=false trains it again")
+        reused = self.state.step
+        more = (f"; epochs {reused + 1}-{self.plan.warmup_epochs} train now and are stored as a warm-up of their own"
+                if reused < self.plan.warmup_epochs else "")
+        self.say(f"warm-up: {reused} of {self.plan.warmup_epochs} epochs reused from {self.warmup_cache.folder(source)} "
+                 f"(trained {entry['created']} in {entry['seconds']:.0f}s){more}; warmup-cache=false trains it again")
 
     def _store_warmup(self, checkpoint: dict) -> None:
         rows = [r for r in self.run_dir.read_metrics() if r.get("kind") == "warmup"]

@@ -89,6 +89,31 @@ class WarmupCache:
             return None
         return torch.load(path, map_location="cpu", weights_only=False)
 
+    def longest_prefix(self, parts: Mapping[str, Any]) -> tuple[str, dict] | None:
+        """``(key, entry)`` of the longest stored warm-up that this one continues, or None.
+
+        A warm-up of E epochs whose every other part equals one stored with k < E epochs is that
+        one plus E - k epochs: the lr is constant after the first epoch's ramp and every epoch
+        is seeded by its own index, so nothing in the first k epochs depends on E. A longer
+        warm-up therefore starts from the stored shorter one instead of from scratch.
+        """
+        wanted = {k: v for k, v in parts.items() if k != "warmup_epochs"}
+        best: tuple[int, str] | None = None
+        for key_file in self.root.glob("*/key.json") if self.root.is_dir() else []:
+            try:
+                theirs = json.loads(key_file.read_text())
+            except (OSError, ValueError):
+                continue
+            epochs = theirs.pop("warmup_epochs", None)
+            if (theirs == json.loads(json.dumps(wanted)) and isinstance(epochs, int)
+                    and epochs < parts["warmup_epochs"] and (best is None or epochs > best[0])
+                    and (key_file.parent / "warmup.pt").is_file()):
+                best = (epochs, key_file.parent.name)
+        if best is None:
+            return None
+        entry = self.load(best[1])
+        return (best[1], entry) if entry is not None else None
+
     def save(self, key: str, parts: Mapping[str, Any], checkpoint: Mapping[str, Any], metrics: list[dict],
              seconds: float) -> Path:
         """Store an entry; an existing one is left as it is (same key, same content)."""

@@ -82,3 +82,26 @@ def test_the_key_follows_what_decides_the_warmup_and_nothing_else(weather_federa
     # a new recipe version
     monkeypatch.setattr("server.warmup_cache.RECIPE_VERSION", detection.train.RECIPE_VERSION + 1)
     assert key() != base
+
+
+@pytest.mark.slow
+def test_a_longer_warmup_continues_a_stored_shorter_one_and_ends_where_a_straight_one_does(weather_federation, tmp_path,
+                                                                                            monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("FEDSTO_HOME", str(home))
+
+    def run(name: str, epochs: int, **changes) -> dict:
+        cfg = run_config(weather_federation, tmp_path / name, method="partial",
+                         **{**WARMUP, "warmup-epochs": epochs, "phase1-rounds": 0, "phase2-rounds": 1, **changes})
+        return FederatedRun(InProcessGrid(client.app.app, 2), cfg).run()
+
+    straight = run("straight", 3, **{"warmup-cache": False})
+    run("short", 2)
+    assert len(entries(home)) == 1
+    extended = run("extended", 3)  # epochs 1-2 from the stored 2-epoch warm-up, epoch 3 trained here
+    assert len(entries(home)) == 2  # ... and the 3-epoch warm-up stored under its own key
+    assert same_weights(final_weights(tmp_path / "extended"), final_weights(tmp_path / "straight"))
+    assert without_timings(extended["final"]) == without_timings(straight["final"])
+    warmup_rows = [r for r in metrics(tmp_path / "extended") if r["kind"] == "warmup"]
+    assert [r["step"] for r in warmup_rows] == [1, 2, 3]
+    assert run("again", 3)["warmup_cache"]["reused"] is True and len(entries(home)) == 2
