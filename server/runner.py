@@ -107,6 +107,7 @@ class FederatedRun:
         self.optimizer_state: dict | None = None
         self.discovery: Discovery | None = None
         self._reply_base, self._wire_bytes_up = None, 0  # this round's delta base and received bytes (transport)
+        self._bytes_model: int | None = None
         self.run_dir: rd.RunDir | None = None
         self._log_file = None
 
@@ -451,6 +452,12 @@ class FederatedRun:
         with timed(parts, "guard"):
             return classify_replies(replies, sent, expected, guard=self.cfg.reply_guard, message_nodes=message_nodes)
 
+    def _model_wire_bytes(self) -> int:
+        """Bytes of the whole model packed as fp32: the yardstick of ``bytes_up`` / ``bytes_down``."""
+        if self._bytes_model is None:
+            self._bytes_model = transport.pack_arrays(ArrayRecord(get_state(self.model)))[0].count_bytes()
+        return self._bytes_model
+
     def _refresh_nodes(self) -> None:
         """Query nodes that connected since discovery (a restarted or late site) and remap their partitions."""
         known = set(self.discovery.nodes.values())
@@ -485,7 +492,7 @@ class FederatedRun:
         replies.failures += [f"partition {pid}: sampled, but no connected node has answered for it" for pid in unmapped]
         row: dict = {"sampled": sampled, "replies": len(replies.ok), "failures": replies.num_failures,
                      "failure_reasons": replies.failures, "bytes_down": sum(transport.wire_bytes(m) for m in messages),
-                     "bytes_up": self._wire_bytes_up, "bytes_model": ArrayRecord(get_state(self.model)).count_bytes(),
+                     "bytes_up": self._wire_bytes_up, "bytes_model": self._model_wire_bytes(),
                      "transport": ins.transport,
                      "upload_keys": len(upload_keys), "rejected": replies.rejected}
         self.state.failures += replies.num_failures
