@@ -62,6 +62,7 @@ def demo_runs(encodings: list[str], console: Console) -> dict[str, dict]:
     from detection.ultralytics_env import fedsto_home
 
     work = fedsto_home() / "bench" / "comm-bytes"
+    work.mkdir(parents=True, exist_ok=True)
     out = {}
     for encoding in encodings:
         folder = work / encoding
@@ -106,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "comm_bytes", "date": time.strftime("%Y-%m-%d %H:%M"), "bytes_per_client_round": sizes}
     if args.runs:
         runs = demo_runs(list(ENCODINGS), console)
-        runs_table = Table(title="Demo FedSTO (3 clients, 4 + 6 rounds) per transport: mAP50 and bytes of the whole run")
+        from server.presets import preset_path, read_preset
+
+        demo = read_preset(preset_path("demo", HERE.parent))
+        runs_table = Table(title=f"Demo FedSTO (3 clients, {demo['phase1-rounds']} + {demo['phase2-rounds']} rounds) per "
+                                 "transport: mAP50 and bytes of the whole run")
         for col in ("transport", "Total mAP50", "MB down", "MB up", "wall s"):
             runs_table.add_column(col, justify="right")
         for e, r in runs.items():

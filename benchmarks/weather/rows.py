@@ -87,7 +87,7 @@ class Scale:
 
 
 SCALES = {
-    "cpu": Scale("cpu", "weather", "yolo11n at 160 px, 100 warm-up epochs (trained once, shared), 8 + 12 rounds: "
+    "cpu": Scale("cpu", "weather", "yolo11n at 160 px, 150 warm-up epochs (trained once, shared), 8 + 12 rounds: "
                                    "a row in one or two 45-minute pieces on 2 CPU cores"),
     "paper": Scale("paper", "weather-paper", "YOLOv5-L at 640 px, batch 64, the paper's 50 + 100 + 150 schedule: a GPU host",
                    ("--cpus-per-client", "4", "--gpus-per-client", "0.25")),
