@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
-import time
 from pathlib import Path
 
 from flwr.app import ArrayRecord
 from rich.console import Console
 from rich.table import Table
+
+from benchmarks.simrun import finish
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("yolo11n.yaml", "yolov8s.yaml")
@@ -58,11 +57,9 @@ def round_bytes(model_yaml: str, encoding: str) -> dict[str, dict[str, int]]:
 
 def demo_runs(encodings: list[str], console: Console) -> dict[str, dict]:
     """Total mAP50 of the demo's FedSTO run per transport (warm-up from the cache)."""
-    from benchmarks.simrun import fedsto_run, read_rows
-    from detection.ultralytics_env import fedsto_home
+    from benchmarks.simrun import fedsto_run, read_rows, work_folder
 
-    work = fedsto_home() / "bench" / "comm-bytes"
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder("comm-bytes")
     out = {}
     for encoding in encodings:
         folder = work / encoding
@@ -104,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{b['phase1']['up'] / b['phase2']['up']:.2f}",
                           f"{(b['phase2']['down'] + b['phase2']['up']) / (ref['phase2']['down'] + ref['phase2']['up']):.2f}")
     console.print(table)
-    result = {"benchmark": "comm_bytes", "date": time.strftime("%Y-%m-%d %H:%M"), "bytes_per_client_round": sizes}
+    result = {"benchmark": "comm_bytes", "bytes_per_client_round": sizes}
     if args.runs:
         runs = demo_runs(list(ENCODINGS), console)
         from server.presets import preset_path, read_preset
@@ -119,14 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"{r['wall_seconds']:.0f}")
         console.print(runs_table)
         result["demo_runs"] = runs
-    command = shlex.join(["python", "-m", "benchmarks.comm_bytes", *(argv if argv is not None else sys.argv[1:])])
-    console.print(f"measured by: {command}")
-    result["command"] = command
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
-    return 0
-
+    return finish(console, "benchmarks.comm_bytes", argv, result, args.out)
 
 if __name__ == "__main__":
     raise SystemExit(main())

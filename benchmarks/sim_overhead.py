@@ -28,13 +28,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
-import shlex
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -43,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.sim_scale import WEATHERS, federation_settings
-from benchmarks.simrun import fedsto_run, read_rows
+from benchmarks.simrun import fedsto_run, finish, read_rows, work_folder
 
 HERE = Path(__file__).resolve().parent
 SERVER_PARTS = ("prepare", "serialise", "deserialise", "guard", "aggregate")
@@ -143,11 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "sim_overhead.json"))
     args = parser.parse_args(argv)
 
-    from detection.ultralytics_env import fedsto_home
-
     console = Console(highlight=False, width=160)
-    work = fedsto_home() / "bench" / "sim-overhead"
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder("sim-overhead")
     sizes = [run_size(int(n), args, work, console) for n in args.clients.split(",")]
 
     table = Table(title=f"Simulation vs compute floor per round (SSFL, {args.images_per_client} images/client at 64 px, "
@@ -166,16 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         parts.add_row(key, *(f"{s['breakdown_median_seconds'][key]:.3f}" for s in sizes))
     parts.add_row("floor (one process)", *(f"{s['floor_median_seconds']:.3f}" for s in sizes))
     console.print(parts)
-    command = shlex.join(["python", "-m", "benchmarks.sim_overhead", *(argv if argv is not None else sys.argv[1:])])
-    console.print(f"measured by: {command}")
-    result = {"benchmark": "sim_overhead", "command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "sizes": sizes}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
-    return 0
-
+    result = {"benchmark": "sim_overhead", "settings": {k: v for k, v in vars(args).items() if k != "out"}, "sizes": sizes}
+    return finish(console, "benchmarks.sim_overhead", argv, result, args.out)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -20,19 +20,15 @@ Prints a table and writes ``benchmarks/results/sim_scale.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.simrun import PssMonitor, fedsto_run, mib, read_rows
+from benchmarks.simrun import PssMonitor, fedsto_run, finish, mib, read_rows, work_folder
 
 HERE = Path(__file__).resolve().parent
 WEATHERS = ("rainy", "night")
@@ -105,11 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "sim_scale.json"))
     args = parser.parse_args(argv)
 
-    from detection.ultralytics_env import fedsto_home
-
     console = Console(highlight=False, width=160)
-    work = fedsto_home() / "bench" / "sim-scale"
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_folder("sim-scale")
     sizes = [run_size(int(n), args, work, console) for n in args.clients.split(",")]
 
     table = Table(title=f"Ray simulation at scale: {args.per_round} clients per round, same work per round")
@@ -124,18 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{s['peak_pss_mib'] / base:.2f}x", f"{b.get('ray actors', 0):.0f}", f"{b.get('ray daemons', 0):.0f}",
                       f"{b.get('flower', 0):.0f}", str(s["peak_processes"]))
     console.print(table)
-    command = shlex.join(["python", "-m", "benchmarks.sim_scale", *(argv if argv is not None else sys.argv[1:])])
-    console.print(f"measured by: {command}")
-    result = {"benchmark": "sim_scale", "command": command, "date": time.strftime("%Y-%m-%d %H:%M"),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
-              "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    result = {"benchmark": "sim_scale", "settings": {k: v for k, v in vars(args).items() if k != "out"},
               "peak_pss_ratio_largest_to_smallest": round(sizes[-1]["peak_pss_mib"] / base, 3), "sizes": sizes}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"wrote {args.out}")
-    return 0
-
+    return finish(console, "benchmarks.sim_scale", argv, result, args.out)
 
 if __name__ == "__main__":
     raise SystemExit(main())

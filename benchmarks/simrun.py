@@ -102,3 +102,34 @@ def read_rows(run_dir: Path) -> list[dict]:
 
 def mib(value: float) -> float:
     return round(value / 2**20, 1)
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    import platform
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def work_folder(name: str) -> Path:
+    """``$FEDSTO_HOME/bench/<name>``: federations, run dirs and logs of a benchmark (never committed)."""
+    from detection.ultralytics_env import fedsto_home
+
+    folder = fedsto_home() / "bench" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def finish(console, module: str, argv: list[str] | None, result: dict, out: str | Path) -> int:
+    """Print the command that measured ``result``, add it (with the machine and date) and write the JSON."""
+    import shlex
+    import time
+
+    command = shlex.join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
+    console.print(f"measured by: {command}")
+    result = {**result, "command": command, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"wrote {out}")
+    return 0
