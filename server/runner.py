@@ -294,7 +294,7 @@ class FederatedRun:
         found = discover_partitions(self.grid, n, cfg.discovery_timeout, self._query_config(),
                                     handshake=self._handshake(), wanted=wanted)
         self._site_failures(found.failures, "partition discovery")
-        needed = max(required_replies(len(wanted), cfg.min_reply_fraction), 1)
+        needed = required_replies(len(wanted), cfg.min_reply_fraction)
         present = [pid for pid in wanted if pid in found.nodes]
         if len(present) < needed:
             raise RunFailed(f"only {len(present)} of the {len(wanted)} clients round {first.round} samples answered the "
