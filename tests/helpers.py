@@ -2,9 +2,10 @@
 
 
 def without_timings(value):
-    """Metrics with wall-clock fields removed (everything else must be reproducible)."""
+    """Metrics without what differs between two runs of one config: wall-clock fields, and the Ray
+    node a client ran on (a fresh Ray instance has new node ids). Everything else must be reproducible."""
     if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if "seconds" not in k and k != "elapsed"}
+        return {k: without_timings(v) for k, v in value.items() if "seconds" not in k and k not in ("elapsed", "ray_node")}
     if isinstance(value, list):
         return [without_timings(v) for v in value]
     return value

@@ -39,6 +39,14 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min"
 
 
+def _run_time(rec: Mapping) -> str:
+    """Wall time of the row's pieces; with a reused warm-up, also the training time it stands on."""
+    text = _minutes(rec["wall_seconds"])
+    if (rec.get("warmup_cache") or {}).get("reused") and "elapsed_seconds" in rec:
+        text += f" ({_minutes(rec['elapsed_seconds'])} of training steps with the reused warm-up's)"
+    return text
+
+
 def write_plots(records: Mapping[str, dict], domains: list[str], folder: Path) -> list[Path]:
     import matplotlib
 
@@ -121,7 +129,7 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
                  _mean_spread(totals[fam]), _mean_spread([r["final"]["Total"]["map50_95"] for r in rs]),
                  f"{share:.0%}" if share is not None else "n/a",
                  " ".join(f"{val[d]:.3f}" for d in domains if d in val) or "n/a",
-                 " + ".join(_minutes(r["wall_seconds"]) for r in rs)]
+                 " + ".join(_run_time(r) for r in rs)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Gap share = (row - partial) / (full - partial), Total mAP50, means over the recorded seeds; "
               "± is the sample standard deviation over seeds. The paper (BDD100K, YOLOv5-L, 640 px): "
@@ -179,7 +187,7 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
     lines += ["", "## Runs", "", "| row | command | seed | finished | wall time | hardware | versions |", "|---|---|---|---|---|---|---|"]
     for name, rec in records.items():
         hw, v = rec["hardware"], rec["versions"]
-        lines.append(f"| {name} | `{rec['command']}` | {rec['seed']} | {rec['finished']} | {_minutes(rec['wall_seconds'])} | "
+        lines.append(f"| {name} | `{rec['command']}` | {rec['seed']} | {rec['finished']} | {_run_time(rec)} | "
                      f"{hw['cpu']}, {hw['cores']} cores | torch {v['torch']}, flwr {v['flwr']}, ultralytics {v['ultralytics']} |")
     plots = write_plots(records, domains, folder) if records else []
     lines += ["", *(f"![{p.stem}]({p.name})" for p in plots), ""]
