@@ -156,7 +156,7 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
                 f"{c.get('reliable_precision', float('nan')):.2f}, recall {c.get('reliable_recall', float('nan')):.2f})"
                 for c in clients.values()))
         if rec.get("pseudo"):
-            lines.append(f"  - pseudo precision by round: "
+            lines.append("  - pseudo precision by round: "
                          + ", ".join(f"{p['round']}: {p.get('reliable_precision', float('nan')):.2f}" for p in rec["pseudo"]))
     lines.append("")
 
