@@ -38,7 +38,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.sim_scale import WEATHERS, federation_settings
+from benchmarks.sim_scale import same_work_federation
 from benchmarks.simrun import fedsto_run, finish, read_rows, work_folder
 
 HERE = Path(__file__).resolve().parent
@@ -96,13 +96,7 @@ def breakdown(row: dict, actors: int) -> dict:
 
 
 def run_size(clients: int, args, work: Path, console: Console) -> dict:
-    from server.prepare import ensure_synthetic_federation
-
-    fed_keys = federation_settings(clients, args.images_per_client, 16, 24)
-    manifest = work / f"federation-{clients}" / "federation.json"
-    ensure_synthetic_federation(manifest, num_images=fed_keys["synthetic-images"], imgsz=64, num_clients=clients,
-                                weathers=WEATHERS, server_fraction=fed_keys["synthetic-server-fraction"],
-                                test_fraction=fed_keys["synthetic-test-fraction"], seed=0)
+    manifest, fed_keys = same_work_federation(work, clients, args.images_per_client, 16, 24)
     out = work / f"run-{clients}"
     shutil.rmtree(out, ignore_errors=True)
     values = run_values(manifest, fed_keys, args.rounds, out)

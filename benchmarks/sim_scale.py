@@ -47,17 +47,25 @@ def federation_settings(clients: int, images_per_client: int, server_images: int
             "synthetic-server-fraction": round(server_images / train, 8)}
 
 
-def run_size(clients: int, args, work: Path, console: Console) -> dict:
-    from detection.manifest_reader import Federation
+def same_work_federation(work: Path, clients: int, images_per_client: int, server_images: int,
+                         test_images: int) -> tuple[Path, dict]:
+    """``(manifest, run-config keys)`` of a synthetic federation of :func:`federation_settings`, built if missing."""
     from server.prepare import ensure_synthetic_federation
-    from server.presets import toml_value
 
-    fed_keys = federation_settings(clients, args.images_per_client, args.server_images, args.test_images)
+    fed_keys = federation_settings(clients, images_per_client, server_images, test_images)
     manifest = work / f"federation-{clients}" / "federation.json"
-    t0 = time.perf_counter()
     ensure_synthetic_federation(manifest, num_images=fed_keys["synthetic-images"], imgsz=64, num_clients=clients,
                                 weathers=WEATHERS, server_fraction=fed_keys["synthetic-server-fraction"],
                                 test_fraction=fed_keys["synthetic-test-fraction"], seed=0)
+    return manifest, fed_keys
+
+
+def run_size(clients: int, args, work: Path, console: Console) -> dict:
+    from detection.manifest_reader import Federation
+    from server.presets import toml_value
+
+    t0 = time.perf_counter()
+    manifest, fed_keys = same_work_federation(work, clients, args.images_per_client, args.server_images, args.test_images)
     build_seconds = time.perf_counter() - t0
     fed = Federation.load(manifest)
     per_client = sorted({len(fed.client_images(p)) for p in range(fed.num_clients)})

@@ -29,6 +29,7 @@ class RoundReplies:
     ok: list[Message] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    wire_bytes: int = 0  # arrays received as they travelled (packed, maybe compressed)
 
     @property
     def num_failures(self) -> int:
@@ -119,9 +120,14 @@ def reply_metrics(reply: Message) -> dict[str, float]:
     return {k: float(v) for k, v in reply.content.metric_records[protocol.METRICS].items() if not isinstance(v, list)}
 
 
-def reply_domain(reply: Message) -> str:
+def reply_info(reply: Message) -> dict:
+    """A reply's ``info`` ConfigRecord as a dict (empty when it has none)."""
     info = reply.content.config_records.get(protocol.INFO)
-    return str(info[protocol.DOMAIN]) if info is not None and protocol.DOMAIN in info else "?"
+    return dict(info) if info is not None else {}
+
+
+def reply_domain(reply: Message) -> str:
+    return str(reply_info(reply).get(protocol.DOMAIN, "?"))
 
 
 def pseudo_summary(per_client: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -46,7 +46,7 @@ from server.plan import Plan, Step, build_plan
 from server.prepare import ensure_synthetic_federation
 from server.ray_recovery import worker_died
 from server.rounds import (RoundReplies, classify_replies, mean_losses, personal_summary, pseudo_summary, reply_domain,
-                           reply_metrics, required_replies, site_summary)
+                           reply_info, reply_metrics, required_replies, site_summary)
 from server.sampling import Discovery, discover_partitions, query_partitions, sample_partitions, sample_teacher_check
 from server.state import ServerState, checkpoint_payload, restore_checkpoint
 from server.warmup_cache import WarmupCache, warmup_key
@@ -106,7 +106,7 @@ class FederatedRun:
         self.state = ServerState()
         self.optimizer_state: dict | None = None
         self.discovery: Discovery | None = None
-        self._reply_base, self._wire_bytes_up = None, 0  # this round's delta base and received bytes (transport)
+        self._reply_base = None  # the broadcast as clients decode it: the base of fp16-delta replies (transport)
         self._bytes_model: int | None = None
         self.run_dir: rd.RunDir | None = None
         self._log_file = None
@@ -446,11 +446,13 @@ class FederatedRun:
             with timed(parts, "exchange"):
                 replies += list(self.grid.send_and_receive(again, timeout=self.cfg.round_timeout))
             message_nodes.update({m.metadata.message_id: m.metadata.dst_node_id for m in again})
-        self._wire_bytes_up = sum(transport.wire_bytes(r) for r in replies if not r.has_error())
+        received = sum(transport.wire_bytes(r) for r in replies if not r.has_error())
         with timed(parts, "deserialise"):
             replies = [transport.unpacked(r, self._reply_base) for r in replies]
         with timed(parts, "guard"):
-            return classify_replies(replies, sent, expected, guard=self.cfg.reply_guard, message_nodes=message_nodes)
+            classified = classify_replies(replies, sent, expected, guard=self.cfg.reply_guard, message_nodes=message_nodes)
+        classified.wire_bytes = received
+        return classified
 
     def _model_wire_bytes(self) -> int:
         """Bytes of the whole model packed as fp32: the yardstick of ``bytes_up`` / ``bytes_down``."""
@@ -492,7 +494,7 @@ class FederatedRun:
         replies.failures += [f"partition {pid}: sampled, but no connected node has answered for it" for pid in unmapped]
         row: dict = {"sampled": sampled, "replies": len(replies.ok), "failures": replies.num_failures,
                      "failure_reasons": replies.failures, "bytes_down": sum(transport.wire_bytes(m) for m in messages),
-                     "bytes_up": self._wire_bytes_up, "bytes_model": self._model_wire_bytes(),
+                     "bytes_up": replies.wire_bytes, "bytes_model": self._model_wire_bytes(),
                      "transport": ins.transport,
                      "upload_keys": len(upload_keys), "rejected": replies.rejected}
         self.state.failures += replies.num_failures
@@ -522,7 +524,7 @@ class FederatedRun:
         row["seconds_by_part"] = parts
         row["clients"] = {pid: {"domain": domains[pid], **m} for pid, m in sorted(per_client.items(), key=lambda kv: int(kv[0]))}
         for r in replies.ok:  # simulation on a Ray cluster: where each client ran
-            node = r.content.config_records[protocol.INFO].get(protocol.RAY_NODE) if protocol.INFO in r.content.config_records else None
+            node = reply_info(r).get(protocol.RAY_NODE)
             if node is not None:
                 row["clients"][str(int(reply_metrics(r)[protocol.PARTITION_ID]))]["ray_node"] = str(node)
         row["client_losses"] = mean_losses(per_client)
