@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.node_state import NodeStateStore
@@ -44,7 +44,7 @@ from detection.sites import ClientSite
 from strategies import FederatedStrategy, get_strategy, protocol
 from strategies.base import split_extra, with_extra
 from strategies.protocol import RoundInstructions
-from strategies.transport import packed_arrays_mod
+from strategies.transport import held_record, packed_arrays_mod
 
 log = logging.getLogger("fedsto.client")
 
@@ -170,7 +170,7 @@ def train(msg: Message, context: Context) -> Message:
                     protocol.PARTITION_ID: float(site.partition_id),
                     "threads": float(threads), "client_seconds": time.perf_counter() - start,
                     "setup_seconds": trained - start, "train_seconds": train_seconds})
-    upload = ArrayRecord(with_extra(get_state(model, strategy.upload_keys(model, ins.upload)), strategy.client_arrays()))
+    upload = held_record(with_extra(get_state(model, strategy.upload_keys(model, ins.upload)), strategy.client_arrays()))
     info = ConfigRecord({protocol.DOMAIN: site.domain, "phase": ins.phase})
     node = ray_node_id()
     if node is not None:  # simulation: which machine of the Ray cluster trained this client

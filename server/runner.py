@@ -408,7 +408,7 @@ class FederatedRun:
     def _broadcast(self, extra: dict | None = None) -> ArrayRecord:
         """The model keys the strategy broadcasts, with its extra arrays beside them."""
         extra = self.strategy.server_arrays() if extra is None else extra
-        return ArrayRecord(with_extra(get_state(self.model, self.strategy.broadcast_keys(self.model)), extra))
+        return transport.held_record(with_extra(get_state(self.model, self.strategy.broadcast_keys(self.model)), extra))
 
     def _messages(self, partitions: list[int], arrays: ArrayRecord, ins: RoundInstructions, message_type: str) -> tuple[list[Message], dict[int, int]]:
         config = ConfigRecord(ins.to_config())
@@ -457,7 +457,7 @@ class FederatedRun:
     def _model_wire_bytes(self) -> int:
         """Bytes of the whole model packed as fp32: the yardstick of ``bytes_up`` / ``bytes_down``."""
         if self._bytes_model is None:
-            self._bytes_model = transport.pack_arrays(ArrayRecord(get_state(self.model)))[0].count_bytes()
+            self._bytes_model = transport.pack_arrays(transport.held_record(get_state(self.model)))[0].count_bytes()
         return self._bytes_model
 
     def _refresh_nodes(self) -> None:

@@ -194,8 +194,12 @@ def aggregation_view(reply: Message, weight_key: str = protocol.NUM_EXAMPLES, ke
     if len(content.array_records) != 1:
         raise ValueError(f"reply from node {reply.metadata.src_node_id} holds {len(content.array_records)} ArrayRecords, expected 1")
     (array_key, arrays), = content.array_records.items()
-    # A new record (same arrays): some Flower rules read with keep_input=False, which empties it.
-    arrays = ArrayRecord({k: arrays[k] for k in (arrays.keys() if keys is None else keys)})
+    # A new record of the same Array objects (some Flower rules read with keep_input=False, which
+    # empties it), filled item by item: ArrayRecord(dict) would re-serialise every array.
+    view = ArrayRecord()
+    for k in (arrays.keys() if keys is None else keys):
+        view[k] = arrays[k]
+    arrays = view
     metrics = next(iter(content.metric_records.values()), None)
     if metrics is None or weight_key not in metrics:
         raise KeyError(f"reply from node {reply.metadata.src_node_id} has no '{weight_key}' metric")

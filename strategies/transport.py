@@ -26,7 +26,9 @@ import json
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import SType
 
 from strategies.protocol import ARRAYS, CONFIG
 
@@ -38,6 +40,56 @@ RAW, HALF, HALF_DELTA = "raw", "fp16", "fp16-delta"  # wire form of one tensor
 
 class TransportError(ValueError):
     """A packed record whose bytes do not match its layout."""
+
+
+class HeldArray(Array):
+    """An ``Array`` that holds its ndarray: ``numpy()`` copies it, and the ``np.save`` bytes are made only if asked for.
+
+    Flower's ``Array`` serialises its ndarray with ``np.save`` when built and parses it with
+    ``np.load`` on every ``numpy()``. For the arrays of this module's records that is pure cost:
+    a record about to be packed, and the decoded arrays of a reply that only the guard and the
+    strategy read, never travel as they are. At 499 tensors per yolo11n reply the round trip cost
+    the server about 100 ms per reply (``benchmarks/sim_overhead.py``). ``numpy()`` still returns
+    a fresh, writable array, as Flower's does; ``data`` (what Flower sends, hashes and counts) is
+    the same ``np.save`` bytes, made on first use.
+    """
+
+    def __init__(self, ndarray: np.ndarray) -> None:
+        self.__dict__.update(dtype=str(ndarray.dtype), shape=tuple(ndarray.shape), stype=SType.NUMPY,
+                             _held=np.asarray(ndarray))
+
+    @property
+    def data(self) -> bytes:
+        if "_data" not in self.__dict__:
+            self.__dict__["_data"] = Array(self.__dict__["_held"]).data
+        return self.__dict__["_data"]
+
+    @data.setter
+    def data(self, value: bytes) -> None:  # Flower's inflation writes the bytes: they win from now on
+        self.__dict__["_data"] = value
+        self.__dict__.pop("_held", None)
+
+    def deflate(self) -> bytes:  # should one travel after all, it travels as the plain Array it equals
+        return Array(dtype=self.dtype, shape=tuple(self.shape), stype=self.stype, data=self.data).deflate()
+
+    def numpy(self) -> np.ndarray:
+        held = self.__dict__.get("_held")
+        return super().numpy() if held is None else held.copy()
+
+    def __eq__(self, other: object) -> bool:  # equal to a plain Array of the same array
+        if not isinstance(other, Array):
+            return NotImplemented
+        return (self.dtype, tuple(self.shape), self.stype, self.data) == (other.dtype, tuple(other.shape), other.stype, other.data)
+
+    __hash__ = None
+
+
+def held_record(tensors: Mapping[str, object]) -> ArrayRecord:
+    """An ``ArrayRecord`` of :class:`HeldArray` from torch tensors or ndarrays (no serialisation)."""
+    record = ArrayRecord()  # (item by item: ArrayRecord(dict) would copy each into a serialised plain Array)
+    for k, v in tensors.items():
+        record[k] = HeldArray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+    return record
 
 
 def pack_arrays(record: ArrayRecord, encoding: str = "fp32", base: Mapping[str, np.ndarray] | None = None
@@ -57,7 +109,7 @@ def pack_arrays(record: ArrayRecord, encoding: str = "fp32", base: Mapping[str, 
         raise TransportError(f"transport {encoding!r}: expected one of {', '.join(ENCODINGS)}")
     layout, flat = [], []
     for key in record:
-        a = record[key].numpy()
+        a = original = record[key].numpy()
         wire = RAW
         if encoding != "fp32" and a.dtype == np.float32:
             reference = base.get(key) if (encoding == HALF_DELTA and base is not None) else None
@@ -65,7 +117,7 @@ def pack_arrays(record: ArrayRecord, encoding: str = "fp32", base: Mapping[str, 
                 a, wire = (a - reference).astype(np.float16), HALF_DELTA
             else:
                 a, wire = a.astype(np.float16), HALF
-        layout.append([key, record[key].numpy().dtype.str, list(a.shape), wire])
+        layout.append([key, original.dtype.str, list(a.shape), wire])
         # (ascontiguousarray would turn a 0-d buffer such as num_batches_tracked into shape (1,))
         flat.append(np.ascontiguousarray(a.reshape(-1)).view(np.uint8))
     blob = np.concatenate(flat) if flat else np.zeros(0, np.uint8)
@@ -100,11 +152,11 @@ def unpack_arrays(packed: ArrayRecord, layout: ConfigRecord, base: Mapping[str, 
             if base is None or key not in base:
                 raise TransportError(f"{key!r} arrived as a difference from the broadcast, but no broadcast is known here")
             value = base[key] + value
-        out[key] = Array(value)
+        out[key] = value
         offset += size
     if offset != blob.size:
         raise TransportError(f"packed arrays hold {blob.size} bytes, the layout describes {offset}")
-    return ArrayRecord(out)
+    return held_record(out)
 
 
 def as_base(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -12,8 +12,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from detection.model import build_model, get_state
 from strategies import protocol
-from strategies.transport import (LAYOUT, PACKED, TransportError, pack_arrays, pack_content, packed_arrays_mod,
-                                  unpack_arrays, unpack_content)
+from strategies.transport import (LAYOUT, PACKED, HeldArray, TransportError, held_record, pack_arrays, pack_content,
+                                  packed_arrays_mod, unpack_arrays, unpack_content)
 
 
 def test_a_detector_state_dict_survives_packing_bit_for_bit_as_one_array():
@@ -27,6 +27,37 @@ def test_a_detector_state_dict_survives_packing_bit_for_bit_as_one_array():
     for key, tensor in state.items():
         assert back[key].dtype == tensor.dtype and back[key].shape == tensor.shape and torch.equal(back[key], tensor), key
     assert packed.count_bytes() < record.count_bytes() + 1024  # the same bytes, not more
+
+
+def test_a_held_array_is_the_plain_array_it_stands_for_without_the_serialisation_round_trip():
+    values = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    held, plain = HeldArray(values), Array(values)
+    assert "_data" not in held.__dict__  # nothing serialised yet
+    assert held == plain and plain == held
+    assert (held.dtype, tuple(held.shape), held.stype) == (plain.dtype, tuple(plain.shape), plain.stype)
+    out = held.numpy()
+    out[:] = 0  # a fresh, writable array each time, as Flower's numpy() gives
+    assert np.array_equal(held.numpy(), values)
+    # Should it travel after all, it is the plain Array on the wire: same bytes, same object id.
+    assert held.data == plain.data and held.deflate() == plain.deflate() and held.object_id == plain.object_id
+    held.data = Array(np.ones(2, np.float32)).data  # bytes set later (inflation) win
+    assert np.array_equal(held.numpy(), np.ones(2, np.float32))
+
+
+def test_decoded_replies_hold_their_arrays_and_aggregation_views_do_not_reserialise_them():
+    from strategies.base import aggregation_view
+
+    record = held_record({"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(7)})
+    back = unpack_arrays(*pack_arrays(record))
+    assert all(isinstance(back[k], HeldArray) and "_data" not in back[k].__dict__ for k in back)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    request = Message(RecordDict({protocol.CONFIG: ConfigRecord({"x": 1})}), dst_node_id=3, message_type="train")
+    reply = Message(RecordDict({protocol.ARRAYS: back, protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 2})}),
+                    reply_to=request)
+    view = aggregation_view(reply)
+    arrays = view.content.array_records[protocol.ARRAYS]
+    assert all(arrays[k] is back[k] for k in back) and all("_data" not in back[k].__dict__ for k in back)
+    assert torch.equal(arrays.to_torch_state_dict()["n"], torch.tensor(7))
 
 
 def test_content_without_arrays_is_left_alone_and_the_rest_of_the_content_travels():
