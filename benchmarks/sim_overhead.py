@@ -8,7 +8,11 @@ pseudo labels and the student's steps), this runs
   no server epochs, the test splits evaluated only after the last round), and
 * the **floor**: the same clients' local rounds (``client.task.train_round``, the very function the
   ClientApp calls) one after the other in this process, plain PyTorch with the same number of
-  threads as the simulation's CPUs, no Flower, no Ray, no serialisation.
+  threads as the simulation's CPUs, no Flower, no Ray, no serialisation (the issue's floor), and
+* the **parallel floor**: the same, with the clients dealt over as many one-thread processes as
+  the simulation has one-CPU actors, each round started together: the simulation's own
+  parallelism without its messaging. Two one-thread processes beat one two-thread process on
+  these small images, so the first ratio can fall below 1; the second is the overhead proper.
 
 Per round it compares the simulation's round time (the ServerApp's, less the evaluation) with the
 floor's, using the median over rounds 2.. (round 1 starts the actors and reads the images, and is
@@ -18,7 +22,7 @@ metrics: server-side preparation, serialisation, guard and aggregation; inside t
 clients' set-up (reading the site, copying the model, loading the broadcast) and training, shared
 over the parallel actors; the rest of the exchange is Flower and Ray moving messages and waiting.
 
-    python -m benchmarks.sim_overhead                   # 4, 16, 64 clients, 4 rounds
+    python -m benchmarks.sim_overhead                   # 4, 16, 64 clients, 6 rounds
     python -m benchmarks.sim_overhead --clients 16 --rounds 5
 
 Prints a table and writes ``benchmarks/results/sim_overhead.json``.
@@ -56,8 +60,8 @@ def run_values(manifest: Path, fed_keys: dict, rounds: int, out: Path) -> dict:
     return merged_config(read_preset(preset_path("smoke", HERE.parent)), "ssfl", out, None, overrides)
 
 
-def floor_rounds(values: dict, rounds: int, threads: int) -> list[float]:
-    """Seconds of each round's local training, every client in turn in this process."""
+def _floor_spans(values: dict, pids: list[int] | None, rounds: int, threads: int, barrier=None) -> list[tuple[float, float]]:
+    """(start, end) monotonic times of each round's local training of ``pids`` (None: every client), in turn."""
     from client.task import load_site, train_round
     from detection.model import build_model
     from server.config import RunConfig
@@ -67,19 +71,50 @@ def floor_rounds(values: dict, rounds: int, threads: int) -> list[float]:
     cfg = RunConfig.from_run_config(values)
     plan = build_plan(cfg.method, cfg.warmup_epochs, cfg.phase1_rounds, cfg.phase2_rounds, cfg.server_epochs, cfg.eval_every)
     torch.set_num_threads(threads)
-    sites = [load_site(cfg.federation_path(), pid) for pid in range(cfg.synthetic_clients)]
+    sites = [load_site(cfg.federation_path(), pid) for pid in (range(cfg.synthetic_clients) if pids is None else pids)]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, len(sites[0].class_names), list(sites[0].class_names))
-    seconds = []
+    spans = []
     for step in [s for s in plan.steps if s.clients][:rounds]:
         ins = RoundInstructions.for_round(cfg, server_round=step.round, phase=step.phase_name, trainable=step.phase.client_groups,
                                           upload=step.phase.upload_groups, ortho_lambda=0.0, evaluate_personal=False,
                                           federation=str(cfg.federation_path()), run_key="floor")
-        t0 = time.perf_counter()
+        if barrier is not None:
+            barrier.wait()  # every process starts the round together, as the simulation's actors do
+        t0 = time.monotonic()
         for site in sites:
             train_round(copy.deepcopy(model), site, ins, None, "cpu")
-        seconds.append(time.perf_counter() - t0)
-    return seconds
+        spans.append((t0, time.monotonic()))
+    return spans
+
+
+def floor_rounds(values: dict, rounds: int, threads: int) -> list[float]:
+    """Seconds of each round's local training, every client in turn in this process on ``threads`` threads."""
+    return [end - start for start, end in _floor_spans(values, None, rounds, threads)]
+
+
+def _parallel_worker(values, pids, rounds, barrier, results) -> None:
+    results.put(_floor_spans(values, pids, rounds, 1, barrier))
+
+
+def parallel_floor_rounds(values: dict, rounds: int, processes: int, clients: int) -> list[float]:
+    """Seconds of each round with the clients dealt over ``processes`` one-thread processes, no Flower, no Ray.
+
+    The simulation's own parallelism (one-CPU actors working side by side) without its messaging:
+    a round lasts from the common start to the last process's end.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    workers = [ctx.Process(target=_parallel_worker, args=(values, list(range(i, clients, processes)), rounds, barrier, results))
+               for i in range(processes)]
+    for w in workers:
+        w.start()
+    spans = [results.get() for _ in workers]
+    for w in workers:
+        w.join()
+    return [max(s[r][1] for s in spans) - min(s[r][0] for s in spans) for r in range(rounds)]
 
 
 def breakdown(row: dict, actors: int) -> dict:
@@ -103,6 +138,8 @@ def run_size(clients: int, args, work: Path, console: Console) -> dict:
     overrides = {k: v for k, v in values.items() if k not in ("method", "output-dir")}
     console.print(f"{clients} clients: floor ({args.actors} threads, one process)")
     floor = floor_rounds(values, args.rounds, args.actors)
+    console.print(f"{clients} clients: parallel floor ({args.actors} one-thread processes)")
+    parallel = parallel_floor_rounds(values, args.rounds, args.actors, clients)
     console.print(f"{clients} clients: simulation ({args.actors} actors of 1 CPU)")
     done, wall = fedsto_run("smoke", "ssfl", out, clients, overrides, port=args.port, log=work / f"run-{clients}.log",
                             extra_flags=("--cpus-per-client", "1"))
@@ -110,14 +147,16 @@ def run_size(clients: int, args, work: Path, console: Console) -> dict:
         raise SystemExit(f"{clients} clients: fedsto run exited with {done.returncode}; see {work / f'run-{clients}.log'}")
     rows = [r for r in read_rows(out / "ssfl") if r.get("sampled")]
     sim = [r["seconds"] - r["seconds_by_part"].get("evaluation", 0.0) for r in rows]
-    steady, floor_steady = statistics.median(sim[1:]), statistics.median(floor[1:])
+    steady, floor_steady, parallel_steady = (statistics.median(x[1:]) for x in (sim, floor, parallel))
     parts = [breakdown(r, args.actors) for r in rows[1:]]
     median_parts = {k: round(statistics.median(p[k] for p in parts), 3) for k in parts[0]}
     evaluation = sum(r["seconds_by_part"].get("evaluation", 0.0) for r in rows)
     return {"clients": clients, "rounds": len(rows), "images_per_client": args.images_per_client,
             "sim_round_seconds": [round(s, 3) for s in sim], "floor_round_seconds": [round(s, 3) for s in floor],
+            "parallel_floor_round_seconds": [round(s, 3) for s in parallel],
             "sim_median_seconds": round(steady, 3), "floor_median_seconds": round(floor_steady, 3),
-            "ratio": round(steady / floor_steady, 3), "first_round_seconds": round(sim[0], 2),
+            "parallel_floor_median_seconds": round(parallel_steady, 3),
+            "ratio": round(steady / floor_steady, 3), "ratio_parallel": round(steady / parallel_steady, 3), "first_round_seconds": round(sim[0], 2),
             "startup_seconds": round(wall - sum(r["seconds"] for r in rows), 1), "evaluation_seconds": round(evaluation, 2),
             "wall_seconds": round(wall, 1), "breakdown_median_seconds": median_parts}
 
@@ -125,7 +164,7 @@ def run_size(clients: int, args, work: Path, console: Console) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sim_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="4,16,64")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--images-per-client", type=int, default=16)
     parser.add_argument("--actors", type=int, default=os.cpu_count() or 1,
                         help="Ray actors of one CPU each; the floor uses as many threads (default: the CPUs)")
@@ -139,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
     table = Table(title=f"Simulation vs compute floor per round (SSFL, {args.images_per_client} images/client at 64 px, "
                         f"batch 8, {args.actors} CPUs; median of rounds 2..{args.rounds})")
-    for col in ("clients", "floor s", "sim s", "ratio", "round 1 s", "start-up s"):
+    for col in ("clients", "floor s", "sim s", "ratio", f"parallel floor s ({args.actors} procs)", "ratio to it",
+                "round 1 s", "start-up s"):
         table.add_column(col, justify="right")
     for s in sizes:
         table.add_row(str(s["clients"]), f"{s['floor_median_seconds']:.2f}", f"{s['sim_median_seconds']:.2f}",
-                      f"{s['ratio']:.2f}", f"{s['first_round_seconds']:.1f}", f"{s['startup_seconds']:.0f}")
+                      f"{s['ratio']:.2f}", f"{s['parallel_floor_median_seconds']:.2f}", f"{s['ratio_parallel']:.2f}",
+                      f"{s['first_round_seconds']:.1f}", f"{s['startup_seconds']:.0f}")
     console.print(table)
     parts = Table(title="Where a simulated round goes (seconds, median of rounds 2..; client parts shared over the actors)")
     parts.add_column("part")
@@ -152,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in sizes[0]["breakdown_median_seconds"]:
         parts.add_row(key, *(f"{s['breakdown_median_seconds'][key]:.3f}" for s in sizes))
     parts.add_row("floor (one process)", *(f"{s['floor_median_seconds']:.3f}" for s in sizes))
+    parts.add_row(f"parallel floor ({args.actors} processes)", *(f"{s['parallel_floor_median_seconds']:.3f}" for s in sizes))
     console.print(parts)
     result = {"benchmark": "sim_overhead", "settings": {k: v for k, v in vars(args).items() if k != "out"}, "sizes": sizes}
     return finish(console, "benchmarks.sim_overhead", argv, result, args.out)

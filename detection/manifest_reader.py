@@ -147,6 +147,14 @@ class Federation:
         """Client ``pid``'s images with their true labels, for evaluation and diagnostics only."""
         return [self._record(e, e["hidden_labels"], e["domain"]) for e in self._client(pid)["images"]]
 
+    def client_entries(self, pid: int) -> list[dict]:
+        """Client ``pid``'s manifest entries as they are (``file`` relative to the manifest, hidden labels included)."""
+        return list(self._client(pid)["images"])
+
+    def test_entries(self) -> dict[str, list[dict]]:
+        """The test split's manifest entries per domain, as they are."""
+        return {d: list(entries) for d, entries in self._manifest["test"].items()}
+
     def client_domain_counts(self, pid: int) -> dict[str, int]:
         """Images per domain of client ``pid``."""
         return dict(self._client(pid)["domains"])

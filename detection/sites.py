@@ -12,6 +12,7 @@ for diagnostics in simulation and never in deployment.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -205,8 +206,10 @@ def load_client_site(path: str | Path, partition_id: int | None = None, check_fi
         As :func:`load_server_site`; also a partition id that does not match the site manifest.
     """
     file = _manifest_file(path)
-    parsed = _parsed_federation(str(file), *_stamp(file))
-    if parsed is not None:
+    indexed = _indexed_client_site(file, partition_id) if partition_id is not None else None
+    if indexed is not None:
+        site = indexed
+    elif (parsed := _parsed_federation(str(file), *_stamp(file))) is not None:
         if partition_id is None:
             raise FederationError(f"{file}: a federation manifest holds every client; the node needs a partition-id")
         fed, fed_id = parsed
@@ -251,6 +254,77 @@ def _parsed_federation(file: str, mtime_ns: int, size: int) -> tuple[Federation,
     if manifest.get("format") != FORMAT:
         return None
     return _federation(manifest, Path(file)), federation_id(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Partition index: one small file per client, so a simulation process reads only its own
+
+
+PARTITION_INDEX = ".partitions"  # beside federation.json
+INDEX_COMPLETE = "complete"
+
+
+def partition_index_folder(manifest_file: str | Path) -> Path:
+    """Where the index of this exact manifest file lives (its modification time and size in the name).
+
+    A rewritten or copied manifest has another stamp, so an index never outlives its manifest.
+    """
+    file = Path(manifest_file)
+    mtime_ns, size = _stamp(file)
+    return file.parent / PARTITION_INDEX / f"{file.stem}-{mtime_ns}-{size}"
+
+
+def write_partition_index(path: str | Path) -> Path | None:
+    """Split a federation manifest into ``client-<pid>.json`` and ``test-<domain>.json`` (once per manifest).
+
+    A Ray actor serves partitions one after the other; with the index it parses only theirs
+    (its images, hidden labels and its domain's test split) instead of the whole manifest, so its
+    memory follows the partitions it serves, not the federation's size. The ServerApp writes it
+    before any client round; a client without one (another file system, an older run) parses the
+    full manifest once per process instead. Returns the folder, or None for a site manifest.
+    """
+    file = _manifest_file(path)
+    folder = partition_index_folder(file)
+    if (folder / INDEX_COMPLETE).is_file():
+        return folder
+    parsed = _parsed_federation(str(file), *_stamp(file))
+    if parsed is None:
+        return None
+    fed, fed_id = parsed
+    for stale in folder.parent.glob(f"{file.stem}-*"):  # indexes of earlier versions of this manifest
+        shutil.rmtree(stale, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    common = {"federation_id": fed_id, "class_names": fed.class_names}
+    for pid in range(fed.num_clients):
+        entry = {**common, "partition_id": pid, "domain": fed.client_domain(pid), "images": fed.client_entries(pid)}
+        atomic_write_text(folder / f"client-{pid}.json", json.dumps(entry))
+    for domain, entries in fed.test_entries().items():
+        atomic_write_text(folder / f"test-{domain}.json", json.dumps(entries))
+    atomic_write_text(folder / INDEX_COMPLETE, f"{fed.num_clients}\n")  # last: a partial index is never used
+    return folder
+
+
+@lru_cache(maxsize=8)
+def _indexed_test_records(folder: str, domain: str, root: str) -> list[ImageRecord]:
+    entries = json.loads((Path(folder) / f"test-{domain}.json").read_text())
+    return [_record(Path(root), e, e["labels"], domain) for e in entries]
+
+
+def _indexed_client_site(file: Path, partition_id: int) -> ClientSite | None:
+    """Client ``partition_id`` from the manifest's partition index (None: no index, or no such partition)."""
+    root = file.parent
+    try:
+        folder = partition_index_folder(file)
+        if not (folder / INDEX_COMPLETE).is_file():
+            return None
+        entry = json.loads((folder / f"client-{int(partition_id)}.json").read_text())
+        test = _indexed_test_records(str(folder), entry["domain"], str(root))
+    except (OSError, ValueError, KeyError):  # the full manifest then says what is wrong
+        return None
+    return ClientSite(file, int(partition_id), list(entry["class_names"]), entry["domain"],
+                      [os.path.normpath(os.path.join(root, e["file"])) for e in entry["images"]],
+                      [_record(root, e, e["hidden_labels"], e["domain"]) for e in entry["images"]],
+                      test, entry["federation_id"], deployed=False)
 
 
 def _record(root: Path, entry: dict, labels: list, domain: str) -> ImageRecord:

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from detection.images import LetterboxCache
-from detection.sites import load_server_site
+from detection.sites import load_server_site, write_partition_index
 from detection.metrics import evaluate_domains
 from detection.model import GROUPS, build_model, export_ultralytics, get_state, set_state
 from detection.orthogonality import OrthogonalityRegulariser
@@ -134,6 +134,11 @@ class FederatedRun:
             test_fraction=cfg.synthetic_test_fraction, seed=cfg.seed)
         self.manifest = manifest
         self.site = load_server_site(manifest)
+        if not self.site.deployed:
+            try:  # simulation clients then read only their partitions (detection.sites.write_partition_index)
+                write_partition_index(manifest)
+            except OSError as exc:
+                self.warn(f"no partition index beside {manifest} ({exc}); each client process parses the whole manifest")
         self.plan: Plan = build_plan(cfg.method, cfg.warmup_epochs, cfg.phase1_rounds, cfg.phase2_rounds,
                                      cfg.server_epochs, cfg.eval_every)
         run_config = cfg.to_run_config()

@@ -11,6 +11,7 @@ phase name, never a path, a file list or a label.
 from __future__ import annotations
 
 import json
+import os
 import re
 import types
 from pathlib import Path
@@ -104,6 +105,42 @@ def test_export_site_copies_one_site_and_loads_like_the_full_manifest(sites):
     assert server.deployed and len(server.labelled) == len(fed["server"]["images"])
     assert files_under(folders["server"]) == {Path(e["file"]).name for e in fed["server"]["images"]} | {
         Path(e["file"]).name for rs in fed["test"].values() for e in rs}
+
+
+def site_fields(site) -> tuple:
+    """A client site as plain values (records compared by path, classes and boxes)."""
+    def records(rs):
+        return None if rs is None else [(r.path, r.domain, r.classes.tolist(), r.boxes.tolist()) for r in rs]
+    return (site.path, site.partition_id, site.class_names, site.domain, site.images, records(site.hidden),
+            records(site.eval_records), site.federation_id, site.deployed)
+
+
+def test_a_partition_index_lets_a_client_read_only_its_own_partition_and_never_outlives_its_manifest(sites):
+    from detection import sites as site_module
+
+    manifest, _ = sites
+    fed = json.loads(manifest.read_text())
+    site_module._parsed_federation.cache_clear()
+    full = {pid: site_fields(load_client_site(manifest, pid)) for pid in (0, 1)}  # no index yet: the whole manifest
+    folder = site_module.write_partition_index(manifest)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["client-0.json", "client-1.json", "complete", *(f"test-{d}.json" for d in fed["test"])])
+    assert json.loads((folder / "client-1.json").read_text())["images"] == fed["clients"][1]["images"]
+    site_module._parsed_federation.cache_clear()
+    assert {pid: site_fields(load_client_site(manifest, pid)) for pid in (0, 1)} == full
+    assert site_module._parsed_federation.cache_info().misses == 0  # the whole manifest was never parsed
+    with pytest.raises(FederationError, match="out of range"):  # no slice: the full manifest names the error
+        load_client_site(manifest, 7)
+    # A rewritten manifest (another stamp) does not use the old index.
+    stat = manifest.stat()
+    site_module._parsed_federation.cache_clear()
+    try:
+        os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert site_module.partition_index_folder(manifest) != folder
+        assert site_fields(load_client_site(manifest, 0)) == full[0]
+        assert site_module._parsed_federation.cache_info().misses == 1
+    finally:
+        os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_export_site_cli_refuses_a_non_empty_folder_and_an_unknown_site(sites, tmp_path, capsys):
