@@ -42,6 +42,7 @@ from detection.train import TrainConfig, train_labelled
 from detection.ultralytics_env import fedsto_home
 from server import rundir as rd
 from server.config import RunConfig
+from server.exchange import send_and_receive
 from server.plan import Plan, Step, build_plan
 from server.prepare import ensure_synthetic_federation
 from server.ray_recovery import worker_died
@@ -434,7 +435,7 @@ class FederatedRun:
         """
         parts = {} if parts is None else parts
         with timed(parts, "exchange"):
-            replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+            replies = send_and_receive(self.grid, messages, timeout=self.cfg.round_timeout)
         message_nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids set by the push
         by_id = {m.metadata.message_id: m for m in messages}
         lost = [r for r in replies if r.has_error() and worker_died(r.error.reason) and r.metadata.reply_to_message_id in by_id]
@@ -449,7 +450,7 @@ class FederatedRun:
                 again.append(Message(first.content, dst_node_id=nid, message_type=first.metadata.message_type))
             replies = [r for r in replies if r not in lost]
             with timed(parts, "exchange"):
-                replies += list(self.grid.send_and_receive(again, timeout=self.cfg.round_timeout))
+                replies += send_and_receive(self.grid, again, timeout=self.cfg.round_timeout)
             message_nodes.update({m.metadata.message_id: m.metadata.dst_node_id for m in again})
         received = sum(transport.wire_bytes(r) for r in replies if not r.has_error())
         with timed(parts, "deserialise"):

@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from detection.seeds import derive_seed
+from server.exchange import send_and_receive
 from strategies import protocol
 
 log = logging.getLogger("fedsto.server")
@@ -167,7 +168,7 @@ def query_partitions(grid, node_ids, found: Discovery, expected: int, timeout: f
     """
     messages = [Message(RecordDict({protocol.CONFIG: ConfigRecord(dict(config or {}))}), dst_node_id=nid,
                         message_type=protocol.QUERY_PARTITION) for nid in sorted(node_ids)]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = send_and_receive(grid, messages, timeout=timeout)
     answered, mapped = set(), []
     for reply in replies:
         nid = reply.metadata.src_node_id

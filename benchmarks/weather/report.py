@@ -146,7 +146,7 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
     else:
         lines.append("Not all four rows (partial, full, ssfl, fedsto) are recorded yet.")
     lines += ["", "Teacher quality before round 1 (reliable pseudo boxes per image, precision, recall, from the hidden "
-              "labels) and pseudo-label precision per round, for the rows with clients:", ""]
+              "labels) and the reliable pseudo labels' precision and recall per round, for the rows with clients:", ""]
     for fam, rs in fams.items():
         rec = rs[0]
         if rec.get("teacher_check"):
@@ -156,8 +156,17 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
                 f"{c.get('reliable_precision', float('nan')):.2f}, recall {c.get('reliable_recall', float('nan')):.2f})"
                 for c in clients.values()))
         if rec.get("pseudo"):
-            lines.append("  - pseudo precision by round: "
-                         + ", ".join(f"{p['round']}: {p.get('reliable_precision', float('nan')):.2f}" for p in rec["pseudo"]))
+            lines.append("  - reliable pseudo labels by round, precision / recall (boxes per image): "
+                         + ", ".join(f"{p['round']}: {p.get('reliable_precision', float('nan')):.2f} / "
+                                     f"{p.get('reliable_recall', float('nan')):.2f} ({p.get('reliable_per_image', float('nan')):.2f})"
+                                     for p in rec["pseudo"]))
+    lines.append("")
+    lines += ["How much one evaluation moves: Total mAP50 of the last three evaluated steps of each row (its first "
+              "recorded seed; the result is the last of them), mean ± sample standard deviation:", ""]
+    for fam, rs in fams.items():
+        last = [p["total_map50"] for p in rs[0].get("curve", [])][-3:]
+        if len(last) >= 2:
+            lines.append(f"- {fam}: {' '.join(f'{v:.3f}' for v in last)} → {np.mean(last):.3f} ± {np.std(last, ddof=1):.3f}")
     lines.append("")
 
     lines += ["## Agreement with Ultralytics' val()", ""]
