@@ -73,7 +73,7 @@ def config_hash(scale: str, row: Row, manifest: Path) -> str:
     from server.warmup_cache import file_sha256
 
     preset = ROOT / "presets" / f"{SCALES[scale].preset}.toml"
-    parts = {"preset": preset.read_text(), "row": [row.method, sorted(row.run_config(scale).items())],
+    parts = {"preset": preset.read_text(), "row": [row.method, sorted(row.run_config.items())],
              "federation": file_sha256(manifest), "recipe": RECIPE_VERSION, "clients": NUM_CLIENTS}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -87,7 +87,7 @@ def fedsto_command(scale: str, row: Row, manifest: Path, out: Path, resume: Path
         head = [*head, "run"]
     if resume is not None:
         return [*head, "--resume", str(resume)]
-    overrides = [f"{k}={v}" for k, v in {**row.run_config(scale), "federation": str(manifest)}.items()]
+    overrides = [f"{k}={v}" for k, v in {**row.run_config, "federation": str(manifest)}.items()]
     return [*head, "--preset", SCALES[scale].preset, "--method", row.method, "--clients", str(NUM_CLIENTS),
             *SCALES[scale].flags, "--out", str(out), "--", *overrides]
 
@@ -167,8 +167,7 @@ def run_row(scale: str, row: Row, manifest: Path, work: Path, console, piece_min
     cfg = json.loads((run_dir / "config.json").read_text())["run_config"]
     imgsz = RunConfig.from_run_config(cfg).imgsz
     return {"row": row.name, "family": row.family, "group": row.group, "method": row.method, "strategy": row.strategy,
-            "strategy_options": row.strategy_options, "seed": row.seed,
-            "overrides": {k: v for k, v in row.run_config(scale).items() if k not in ("seed", "strategy", "strategy-options")},
+            "strategy_options": row.strategy_options, "seed": row.seed, "overrides": dict(row.overrides),
             "command": shlex.join(fedsto_command(scale, row, manifest, out, None)), "wall_seconds": round(seconds, 1),
             "pieces": len(pieces),
             "finished": time.strftime("%Y-%m-%d %H:%M"), "hardware": hardware(), "versions": versions(), "imgsz": imgsz,

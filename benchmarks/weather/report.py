@@ -140,9 +140,11 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
     if all(k in totals for k in PAPER):
         t = {k: float(np.mean(totals[k])) for k in PAPER}
         holds = t["partial"] < t["ssfl"] < t["fedsto"] <= t["full"]
+        share = gap_share(t["fedsto"], t["partial"], t["full"])
         lines.append(f"Total mAP50: partial {t['partial']:.3f}, ssfl {t['ssfl']:.3f}, fedsto {t['fedsto']:.3f}, "
-                     f"full {t['full']:.3f}: the ordering **{'holds' if holds else 'does not hold'}**. FedSTO recovers "
-                     f"{gap_share(t['fedsto'], t['partial'], t['full']):.0%} of the partial-to-full gap (paper: 87%).")
+                     f"full {t['full']:.3f}: the ordering **{'holds' if holds else 'does not hold'}**. "
+                     + (f"FedSTO recovers {share:.0%} of the partial-to-full gap (paper: 87%)." if share is not None
+                        else "There is no partial-to-full gap to share (full is not above partial)."))
     else:
         lines.append("Not all four rows (partial, full, ssfl, fedsto) are recorded yet.")
     lines += ["", "Teacher quality before round 1 (reliable pseudo boxes per image, precision, recall, from the hidden "
