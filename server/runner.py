@@ -10,8 +10,9 @@ Per client round::
 
     sample partitions (seeded) -> strategy.configure_round (global state, upload keys)
     -> broadcast full state (+ the strategy's extra arrays) + RoundInstructions (ConfigRecord)
-    -> push, pull replies as they come (server.exchange) -> classify replies and guard them (failures and rejections counted;
-       below min-reply-fraction: fail) -> strategy.aggregate (sorted by partition id)
+    -> push, pull the replies as they come (server.exchange) -> classify replies and guard them
+       (failures and rejections counted; below min-reply-fraction: fail)
+    -> strategy.aggregate (sorted by partition id)
     -> strategy.merge into the server model
     -> server epoch(s) on the labelled set (orthogonality in phase 2) -> evaluate -> checkpoint
 """
