@@ -171,12 +171,13 @@ def load_server_site(path: str | Path, check_files: bool = True) -> ServerSite:
         ``check_files``; only the server's own files are checked).
     """
     file = _manifest_file(path)
-    manifest, text = read_manifest_text(file)
-    if manifest.get("format") == FORMAT:
-        fed = _federation(manifest, file)
+    parsed = _parsed_federation(str(file), *_stamp(file))  # shared with write_partition_index: parsed once
+    if parsed is not None:
+        fed, fed_id = parsed
         site = ServerSite(file, fed.class_names, fed.domains, fed.server_domain, fed.num_clients, fed.server_records(),
-                          fed.test_records(), federation_id(text), deployed=False, federation=fed)
+                          fed.test_records(), fed_id, deployed=False, federation=fed)
     else:
+        manifest, _ = read_manifest_text(file)
         m = _check_site(manifest, file, SERVER_SITE)
         root = file.parent
         site = ServerSite(file, list(m["class_names"]), list(m["domains"]), m["server_domain"], m["num_clients"],
