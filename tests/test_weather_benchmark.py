@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.weather.report import gap_share, write_report
+from benchmarks.weather.report import families, gap_share, seed_pairs, write_report
 from benchmarks.weather.rows import ROWS, rows_named
 
 
@@ -45,6 +45,26 @@ def test_results_md_shows_recorded_rows_and_lists_the_rest_as_not_run(weather_fe
     not_run = text.split("## Not yet run")[1].split("##")[0]
     assert "- ssfl\n" in not_run and "- partial\n" not in not_run and "- fedsto-seed3" in not_run
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "domains.png").stat().st_size > 0
+
+
+def test_seeds_are_compared_within_a_seed_and_only_where_all_three_rows_ran(weather_federation, tmp_path):
+    def rec(name, seed, total):
+        return fake_record(name, seed, {"clear": total, "rainy": total, "night": total})
+
+    records = {"partial": rec("partial", 1, 0.30), "ssfl": rec("ssfl", 1, 0.32), "fedsto": rec("fedsto", 1, 0.35),
+               "full": rec("full", 1, 0.50),
+               "partial-seed2": rec("partial-seed2", 2, 0.20), "ssfl-seed2": rec("ssfl-seed2", 2, 0.19),
+               "fedsto-seed2": rec("fedsto-seed2", 2, 0.21),
+               "fedsto-seed3": rec("fedsto-seed3", 3, 0.40)}  # seed 3 has no partial yet: not paired
+    pairs = seed_pairs(families(records))
+    assert list(pairs) == [1, 2]
+    assert pairs[2] == pytest.approx({"partial": 0.20, "ssfl": 0.19, "fedsto": 0.21})
+    text = write_report("cpu", records, weather_federation, folder=tmp_path).read_text()
+    assert "- seed 1: partial 0.300, ssfl 0.320, fedsto 0.350" in text and "partial < ssfl < fedsto holds" in text
+    assert "ssfl - partial -0.010, fedsto - partial +0.010; partial < ssfl < fedsto does not hold" in text
+    # fedsto - partial: +0.05 and +0.01 -> mean +0.030, sample sd 0.028
+    assert "- fedsto - partial over 2 seeds: +0.030 ± 0.028 (above partial in 2 of 2)" in text
+    assert "- ssfl - partial over 2 seeds: +0.005 ± 0.021 (above partial in 1 of 2)" in text
 
 
 def test_row_commands_carry_the_piece_limit_and_resume(tmp_path):

@@ -29,6 +29,39 @@ def families(records: Mapping[str, dict]) -> dict[str, list[dict]]:
     return out
 
 
+def seed_pairs(fams: Mapping[str, list[dict]], methods: tuple[str, ...] = ("partial", "ssfl", "fedsto")) -> dict[int, dict[str, float]]:
+    """Total mAP50 per seed and method, for the seeds where every one of ``methods`` is recorded.
+
+    A seed trains its own warm-up, shared by its partial, ssfl and fedsto rows, so differences
+    taken within a seed leave the warm-up's own luck out of the comparison.
+    """
+    by_seed: dict[int, dict[str, float]] = {}
+    for method in methods:
+        for rec in fams.get(method, []):
+            by_seed.setdefault(int(rec["seed"]), {})[method] = rec["final"]["Total"]["map50"]
+    return {seed: totals for seed, totals in sorted(by_seed.items()) if len(totals) == len(methods)}
+
+
+def _seed_lines(fams: Mapping[str, list[dict]]) -> list[str]:
+    pairs = seed_pairs(fams)
+    if not pairs:
+        return []
+    lines = ["Per seed (each seed trains its own warm-up, shared by its three rows), Total mAP50 and the differences "
+             "to partial within the seed:", ""]
+    for seed, t in pairs.items():
+        holds = t["partial"] < t["ssfl"] < t["fedsto"]
+        lines.append(f"- seed {seed}: partial {t['partial']:.3f}, ssfl {t['ssfl']:.3f}, fedsto {t['fedsto']:.3f}; "
+                     f"ssfl - partial {t['ssfl'] - t['partial']:+.3f}, fedsto - partial {t['fedsto'] - t['partial']:+.3f}; "
+                     f"partial < ssfl < fedsto {'holds' if holds else 'does not hold'}")
+    if len(pairs) >= 2:
+        for method in ("ssfl", "fedsto"):
+            diffs = [t[method] - t["partial"] for t in pairs.values()]
+            wins = sum(d > 0 for d in diffs)
+            lines.append(f"- {method} - partial over {len(diffs)} seeds: {np.mean(diffs):+.3f} ± {np.std(diffs, ddof=1):.3f} "
+                         f"(above partial in {wins} of {len(diffs)})")
+    return lines + [""]
+
+
 def _mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -147,21 +180,23 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
                         else "There is no partial-to-full gap to share (full is not above partial)."))
     else:
         lines.append("Not all four rows (partial, full, ssfl, fedsto) are recorded yet.")
-    lines += ["", "Teacher quality before round 1 (reliable pseudo boxes per image, precision, recall, from the hidden "
+    lines += ["", *_seed_lines(fams)]
+    lines += ["Teacher quality before round 1 (reliable pseudo boxes per image, precision, recall, from the hidden "
               "labels) and the reliable pseudo labels' precision and recall per round, for the rows with clients:", ""]
     for fam, rs in fams.items():
-        rec = rs[0]
-        if rec.get("teacher_check"):
-            clients = rec["teacher_check"].get("clients", {})
-            lines.append(f"- **{fam}** before round 1: " + "; ".join(
-                f"{c.get('domain')} {c.get('reliable_per_image', 0):.2f} boxes/img (precision "
-                f"{c.get('reliable_precision', float('nan')):.2f}, recall {c.get('reliable_recall', float('nan')):.2f})"
-                for c in clients.values()))
-        if rec.get("pseudo"):
-            lines.append("  - reliable pseudo labels by round, precision / recall (boxes per image): "
-                         + ", ".join(f"{p['round']}: {p.get('reliable_precision', float('nan')):.2f} / "
-                                     f"{p.get('reliable_recall', float('nan')):.2f} ({p.get('reliable_per_image', float('nan')):.2f})"
-                                     for p in rec["pseudo"]))
+        for rec in rs:
+            label = fam if rec is rs[0] else f"{fam} (seed {rec['seed']})"
+            if rec.get("teacher_check"):
+                clients = rec["teacher_check"].get("clients", {})
+                lines.append(f"- **{label}** before round 1: " + "; ".join(
+                    f"{c.get('domain')} {c.get('reliable_per_image', 0):.2f} boxes/img (precision "
+                    f"{c.get('reliable_precision', float('nan')):.2f}, recall {c.get('reliable_recall', float('nan')):.2f})"
+                    for c in clients.values()))
+            if rec.get("pseudo"):
+                lines.append("  - reliable pseudo labels by round, precision / recall (boxes per image): "
+                             + ", ".join(f"{q['round']}: {q.get('reliable_precision', float('nan')):.2f} / "
+                                         f"{q.get('reliable_recall', float('nan')):.2f} "
+                                         f"({q.get('reliable_per_image', float('nan')):.2f})" for q in rec["pseudo"]))
     lines.append("")
     lines += ["How much one evaluation moves: Total mAP50 of the last three evaluated steps of each row (its first "
               "recorded seed; the result is the last of them), mean ± sample standard deviation:", ""]
