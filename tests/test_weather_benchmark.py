@@ -67,6 +67,19 @@ def test_seeds_are_compared_within_a_seed_and_only_where_all_three_rows_ran(weat
     assert "- ssfl - partial over 2 seeds: +0.005 ± 0.021 (above partial in 1 of 2)" in text
 
 
+def test_teacher_sweeps_are_reported_warm_ups_first(weather_federation, tmp_path):
+    def sweep(kind, recall):
+        at = {"reliable_per_image": 0.5, "true_per_image": 2.0, "precision": 0.8, "recall": recall}
+        return {"command": "python -m benchmarks.weather.teacher_sweep ...", "model": f"/m/{kind}.pt", "kind": kind,
+                "about": f"the {kind}", "nms_conf": 0.1, "clients": {"foggy (client 0)": {"0.6": at, "0.3": at, "images": 7}}}
+
+    text = write_report("cpu", {"partial": fake_record("partial", 1, {"clear": 0.3, "rainy": 0.2, "night": 0.1})},
+                        weather_federation, folder=tmp_path,
+                        sweeps={"teacher_sweep-a-model": sweep("model", 0.25), "teacher_sweep-z-warmup": sweep("warm-up", 0.125)}).read_text()
+    assert text.index("Teacher sweep `z-warmup`: the warm-up.") < text.index("Teacher sweep `a-model`: the model.")
+    assert "| foggy (client 0), 7 | 2.00 | 0.50: 0.80 / 0.125 | 0.50: 0.80 / 0.125 |" in text
+
+
 def test_row_commands_carry_the_piece_limit_and_resume(tmp_path):
     from benchmarks.weather.__main__ import fedsto_command
     from benchmarks.weather.rows import ROWS

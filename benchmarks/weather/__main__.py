@@ -174,8 +174,9 @@ def run_row(scale: str, row: Row, manifest: Path, work: Path, console, piece_min
             **summarise_run(run_dir), "ultralytics_val_map50": ultralytics_val_per_domain(run_dir / "model.pt", manifest, imgsz)}
 
 
-def recorded(scale: str) -> dict[str, dict]:
-    folder = results_dir(scale)
+def recorded(scale: str, sub: str = "") -> dict[str, dict]:
+    """Recorded row results (or, with ``sub="sweeps"``, teacher sweeps) by name."""
+    folder = results_dir(scale) / sub
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
 
@@ -230,7 +231,7 @@ def report(scale: str, manifest: Path, console) -> Path:
 
     have = recorded(scale)
     stale = frozenset(r.name for r in ROWS if r.name in have and have[r.name].get("config_hash") != config_hash(scale, r, manifest))
-    return write_report(scale, have, manifest, console, stale=stale)
+    return write_report(scale, have, manifest, console, stale=stale, sweeps=recorded(scale, "sweeps"))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,24 @@ def _seed_lines(fams: Mapping[str, list[dict]]) -> list[str]:
     return lines + [""]
 
 
+def _sweep_lines(sweeps: Mapping[str, dict]) -> list[str]:
+    """Teacher sweeps (``benchmarks.weather.teacher_sweep``): reliable boxes per image, precision / recall per tau_high."""
+    lines = []
+    # Warm-ups (the teachers the rows had) before other models (references).
+    for name, sweep in sorted(sweeps.items(), key=lambda kv: (kv[1].get("kind") != "warm-up", kv[0])):
+        sets = sweep["clients"]
+        taus = [k for k in next(iter(sets.values())) if k != "images"]
+        lines += [f"Teacher sweep `{name.removeprefix('teacher_sweep-')}`: {sweep.get('about') or sweep['model']}. Reliable pseudo boxes per image: "
+                  f"precision / recall at each tau_high (NMS conf {sweep['nms_conf']}); `{sweep['command']}`", "",
+                  "| images | true boxes/img | " + " | ".join(f"tau_high {t}" for t in taus) + " |",
+                  "|---|---|" + "---|" * len(taus)]
+        for label, rows in sets.items():
+            lines.append(f"| {label}, {rows['images']} | {rows[taus[0]]['true_per_image']:.2f} | " + " | ".join(
+                f"{rows[t]['reliable_per_image']:.2f}: {rows[t]['precision']:.2f} / {rows[t]['recall']:.3f}" for t in taus) + " |")
+        lines.append("")
+    return lines
+
+
 def _mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -125,7 +143,7 @@ def write_plots(records: Mapping[str, dict], domains: list[str], folder: Path) -
 
 
 def write_report(scale: str, records: Mapping[str, dict], manifest: Path, console=None, folder: Path = HERE,
-                 stale: frozenset[str] = frozenset()) -> Path:
+                 stale: frozenset[str] = frozenset(), sweeps: Mapping[str, dict] | None = None) -> Path:
     """Rewrite ``RESULTS.md`` (and its plots) in ``folder`` for ``scale`` from ``records``.
 
     ``stale`` names recorded rows whose configuration has changed since (marked, and listed as to run again).
@@ -198,6 +216,7 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
                                          f"{q.get('reliable_recall', float('nan')):.2f} "
                                          f"({q.get('reliable_per_image', float('nan')):.2f})" for q in rec["pseudo"]))
     lines.append("")
+    lines += _sweep_lines(sweeps or {})
     lines += ["How much one evaluation moves: Total mAP50 of the last three evaluated steps of each row (its first "
               "recorded seed; the result is the last of them), mean ± sample standard deviation:", ""]
     for fam, rs in fams.items():
