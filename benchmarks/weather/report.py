@@ -103,26 +103,28 @@ def write_plots(records: Mapping[str, dict], domains: list[str], folder: Path) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
+    names = [r.name for r in ROWS if r.name in records and records[r.name].get("seed", 1) == 1]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, rec in records.items():
-        if rec.get("seed", 1) != 1:
-            continue
-        points = [(p["step"], p["total_map50"]) for p in rec["curve"]]
+    for name in names:
+        curve = records[name]["curve"]
+        warmup = [p for p in curve if p["kind"] == "warmup"][-1:]  # round 0: the end of the row's warm-up
+        points = [(p["round"], p["total_map50"]) for p in warmup + [p for p in curve if p["kind"] == "round"]]
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=name)
-    ax.set_xlabel("step (warm-up epochs, then rounds)")
+    ax.set_xlabel("round (0: end of the warm-up)")
     ax.set_ylabel("Total mAP50")
-    ax.set_title("Weather benchmark: Total mAP50 per evaluated step (seed 1)")
+    ax.set_title("Weather benchmark: Total mAP50 per evaluated round (seed 1)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="center right")
     fig.tight_layout()
     written.append(folder / "curves.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    names = [n for n, r in records.items() if r.get("seed", 1) == 1]
     if names:
         fig, ax = plt.subplots(figsize=(9, 4.5))
         width = 0.8 / len(names)
