@@ -14,7 +14,8 @@ def fake_record(name: str, seed: int, totals: dict[str, float]) -> dict:
     return {"row": name, "seed": seed, "final": final, "wall_seconds": 600.0, "command": f"fedsto run ... {name}",
             "finished": "2026-12-05 21:00", "hardware": {"cpu": "test cpu", "cores": 2},
             "versions": {"torch": "t", "flwr": "f", "ultralytics": "u"}, "ultralytics_val_map50": dict(totals),
-            "curve": [{"step": 1, "total_map50": 0.1}, {"step": 2, "total_map50": final["Total"]["map50"]}],
+            "curve": [{"step": 1, "round": 0, "kind": "warmup", "total_map50": 0.1},
+                      {"step": 2, "round": 1, "kind": "round", "total_map50": final["Total"]["map50"]}],
             "teacher_check": None, "pseudo": [], "personal": None}
 
 
