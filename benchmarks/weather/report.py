@@ -29,7 +29,8 @@ def families(records: Mapping[str, dict]) -> dict[str, list[dict]]:
     return out
 
 
-def seed_pairs(fams: Mapping[str, list[dict]], methods: tuple[str, ...] = ("partial", "ssfl", "fedsto")) -> dict[int, dict[str, float]]:
+def seed_pairs(fams: Mapping[str, list[dict]],
+               methods: tuple[str, ...] = ("partial", "ssfl", "fedsto")) -> dict[int, dict[str, float]]:
     """Total mAP50 per seed and method, for the seeds where every one of ``methods`` is recorded.
 
     A seed trains its own warm-up, shared by its partial, ssfl and fedsto rows, so differences
@@ -57,8 +58,8 @@ def _seed_lines(fams: Mapping[str, list[dict]]) -> list[str]:
         for method in ("ssfl", "fedsto"):
             diffs = [t[method] - t["partial"] for t in pairs.values()]
             wins = sum(d > 0 for d in diffs)
-            lines.append(f"- {method} - partial over {len(diffs)} seeds: {np.mean(diffs):+.3f} ± {np.std(diffs, ddof=1):.3f} "
-                         f"(above partial in {wins} of {len(diffs)})")
+            lines.append(f"- {method} - partial over {len(diffs)} seeds: {np.mean(diffs):+.3f} ± "
+                         f"{np.std(diffs, ddof=1):.3f} (above partial in {wins} of {len(diffs)})")
     return lines + [""]
 
 
@@ -69,13 +70,13 @@ def _sweep_lines(sweeps: Mapping[str, dict]) -> list[str]:
     for name, sweep in sorted(sweeps.items(), key=lambda kv: (kv[1].get("kind") != "warm-up", kv[0])):
         sets = sweep["clients"]
         taus = [k for k in next(iter(sets.values())) if k != "images"]
-        lines += [f"Teacher sweep `{name.removeprefix('teacher_sweep-')}`: {sweep.get('about') or sweep['model']}. Reliable pseudo boxes per image: "
-                  f"precision / recall at each tau_high (NMS conf {sweep['nms_conf']}); `{sweep['command']}`", "",
+        lines += [f"Teacher sweep `{name.removeprefix('teacher_sweep-')}`: {sweep.get('about') or sweep['model']}. "
+                  f"Reliable pseudo boxes per image: precision / recall at each tau_high (NMS conf {sweep['nms_conf']}); `{sweep['command']}`", "",
                   "| images | true boxes/img | " + " | ".join(f"tau_high {t}" for t in taus) + " |",
                   "|---|---|" + "---|" * len(taus)]
         for label, rows in sets.items():
-            lines.append(f"| {label}, {rows['images']} | {rows[taus[0]]['true_per_image']:.2f} | " + " | ".join(
-                f"{rows[t]['reliable_per_image']:.2f}: {rows[t]['precision']:.2f} / {rows[t]['recall']:.3f}" for t in taus) + " |")
+            cells = [f"{rows[t]['reliable_per_image']:.2f}: {rows[t]['precision']:.2f} / {rows[t]['recall']:.3f}" for t in taus]
+            lines.append(f"| {label}, {rows['images']} | {rows[taus[0]]['true_per_image']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 

@@ -38,7 +38,7 @@ TAUS = (0.6, 0.5, 0.4, 0.3, 0.2)
 
 
 def load_model_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The model weights of a warm-up cache entry, a run checkpoint or an Ultralytics-style ``model.pt``, and which it was."""
+    """The weights of a warm-up cache entry, a run checkpoint or an Ultralytics-style ``model.pt``, and which it was."""
     entry = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(entry, dict) and "checkpoint" in entry:
         return entry["checkpoint"]["model_state"], "warm-up"
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup_of:
         key = (recorded(args.scale).get(args.warmup_of, {}).get("warmup_cache") or {}).get("key")
         if key is None:
-            console.print(f"[red]row {args.warmup_of!r} is not recorded at scale {args.scale}, or used no cached warm-up[/red]")
+            console.print(f"[red]row {args.warmup_of!r} is not recorded at scale {args.scale}, "
+                          "or used no cached warm-up[/red]")
             return 2
         args.model = fedsto_home() / "warmups" / key / "warmup.pt"
         args.name = args.name or f"warmup-{args.warmup_of}"
@@ -115,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for label, records in sets.items():
         records = records[:args.max_images] if args.max_images else records
-        results[label] = {str(t): v for t, v in sweep_client(model, records, args.imgsz, tuple(args.taus), args.nms_conf).items()}
+        swept = sweep_client(model, records, args.imgsz, tuple(args.taus), args.nms_conf)
+        results[label] = {str(t): v for t, v in swept.items()}
         results[label]["images"] = len(records)
     for domain, rows in results.items():
-        table = Table(title=f"{domain}: {rows['images']} images, {rows[str(args.taus[0])]['true_per_image']:.2f} true boxes/img")
+        true = rows[str(args.taus[0])]["true_per_image"]
+        table = Table(title=f"{domain}: {rows['images']} images, {true:.2f} true boxes/img")
         for col in ("tau_high", "reliable/img", "precision", "recall"):
             table.add_column(col, justify="right")
         for tau in args.taus:
@@ -130,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks.weather.teacher_sweep", *(argv if argv is not None else sys.argv[1:])])
     out.write_text(json.dumps({"command": command, "model": str(args.model), "kind": kind, "about": args.about,
-                               "nms_conf": args.nms_conf, "imgsz": args.imgsz, "seconds": round(time.perf_counter() - start, 1),
-                               "clients": results}, indent=1) + "\n")
+                               "nms_conf": args.nms_conf, "imgsz": args.imgsz,
+                               "seconds": round(time.perf_counter() - start, 1), "clients": results}, indent=1) + "\n")
     console.print(f"wrote {out} ({time.perf_counter() - start:.0f} s)")
     return 0
 
