@@ -41,7 +41,9 @@ def test_results_md_shows_recorded_rows_and_lists_the_rest_as_not_run(weather_fe
     text = out.read_text()
     partial, full = 0.3, 1.6 / 3
     fedsto = (1.2 / 3 + 1.2 / 3) / 2
-    assert f"{gap_share(fedsto, partial, full):.0%}" in text.split("| fedsto | 1,2 |")[1].splitlines()[0]
+    fedsto_cells = text.split("| fedsto | 1,2 |")[1].splitlines()[0]
+    assert f"{gap_share(fedsto, partial, full):.0%}" in fedsto_cells
+    assert "| 0.600 0.350 0.250 |" in fedsto_cells  # val() per domain, mean of the two seeds
     assert "Not all four rows" in text  # ssfl is missing: no ordering verdict
     not_run = text.split("## Not yet run")[1].split("##")[0]
     assert "- ssfl\n" in not_run and "- partial\n" not in not_run and "- fedsto-seed3" in not_run

@@ -169,13 +169,15 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
              "(the paper's). `val()` = `YOLO(model.pt).val(data=<domain test split>, imgsz=<training imgsz>)`, "
              "other arguments at their defaults.", ""]
 
-    header = ["row", "seeds", *domains, "Total mAP50", "Total mAP50-95", "gap share", "val() mAP50 per domain", "run time"]
+    header = ["row", "seeds", *domains, "Total mAP50", "Total mAP50-95", "gap share", "val() mAP50 per domain (seed mean)",
+              "run time"]
     lines += ["## Results", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     totals = {f: [r["final"]["Total"]["map50"] for r in rs] for f, rs in fams.items()}
     partial, full = (np.mean(totals[k]) if k in totals else None for k in ("partial", "full"))
     for fam, rs in fams.items():
         share = gap_share(float(np.mean(totals[fam])), partial, full) if partial is not None and full is not None else None
-        val = rs[0].get("ultralytics_val_map50", {})
+        vals = [r.get("ultralytics_val_map50") or {} for r in rs]
+        val = {d: float(np.mean([v[d] for v in vals])) for d in domains if all(d in v for v in vals)}  # seed mean
         old = [r["row"] for r in rs if r["row"] in stale]
         cells = [fam + (f" (stale: {', '.join(old)} ran with an older configuration)" if old else ""),
                  ",".join(str(r["seed"]) for r in rs),
