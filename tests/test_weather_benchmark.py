@@ -58,7 +58,8 @@ def test_seeds_are_compared_within_a_seed_and_only_where_all_three_rows_ran(weat
                "full": rec("full", 1, 0.50),
                "partial-seed2": rec("partial-seed2", 2, 0.20), "ssfl-seed2": rec("ssfl-seed2", 2, 0.19),
                "fedsto-seed2": rec("fedsto-seed2", 2, 0.21),
-               "fedsto-seed3": rec("fedsto-seed3", 3, 0.40)}  # seed 3 has no partial yet: not paired
+               "fedsto-seed3": rec("fedsto-seed3", 3, 0.40),  # seed 3 has no partial yet: not paired
+               "fedsto-st": rec("fedsto-st", 1, 0.40)}
     pairs = seed_pairs(families(records))
     assert list(pairs) == [1, 2]
     assert pairs[2] == pytest.approx({"partial": 0.20, "ssfl": 0.19, "fedsto": 0.21})
@@ -68,6 +69,8 @@ def test_seeds_are_compared_within_a_seed_and_only_where_all_three_rows_ran(weat
     # fedsto - partial: +0.05 and +0.01 -> mean +0.030, sample sd 0.028
     assert "- fedsto - partial over 2 seeds: +0.030 ± 0.028 (above partial in 2 of 2)" in text
     assert "- ssfl - partial over 2 seeds: +0.005 ± 0.021 (above partial in 1 of 2)" in text
+    # a seed-1 row is set against partial's seed 1 (0.30), not the seed mean (0.25, which would give 60%)
+    assert "| 50% |" in text.split("| fedsto-st | 1 |")[1].splitlines()[0]
 
 
 def test_teacher_sweeps_are_reported_warm_ups_first(weather_federation, tmp_path):

@@ -173,8 +173,16 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
               "run time"]
     lines += ["## Results", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     totals = {f: [r["final"]["Total"]["map50"] for r in rs] for f, rs in fams.items()}
-    partial, full = (np.mean(totals[k]) if k in totals else None for k in ("partial", "full"))
+    def same_seed_mean(ref: str, seeds: set[int]) -> float | None:
+        """``ref``'s Total over the given seeds where it has them (a row on seed 1 is set against partial's seed 1)."""
+        if ref not in fams:
+            return None
+        values = [r["final"]["Total"]["map50"] for r in fams[ref] if r["seed"] in seeds] or totals[ref]
+        return float(np.mean(values))
+
     for fam, rs in fams.items():
+        seeds = {r["seed"] for r in rs}
+        partial, full = same_seed_mean("partial", seeds), same_seed_mean("full", seeds)
         share = gap_share(float(np.mean(totals[fam])), partial, full) if partial is not None and full is not None else None
         vals = [r.get("ultralytics_val_map50") or {} for r in rs]
         val = {d: float(np.mean([v[d] for v in vals])) for d in domains if all(d in v for v in vals)}  # seed mean
@@ -183,11 +191,12 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
                  ",".join(str(r["seed"]) for r in rs),
                  *(_mean_spread([r["final"][d]["map50"] for r in rs]) for d in domains),
                  _mean_spread(totals[fam]), _mean_spread([r["final"]["Total"]["map50_95"] for r in rs]),
-                 f"{share:.0%}" if share is not None else "n/a",
+                 f"{round(share, 2) + 0.0:.0%}" if share is not None else "n/a",  # + 0.0: never "-0%"
                  " ".join(f"{val[d]:.3f}" for d in domains if d in val) or "n/a",
                  " + ".join(_run_time(r) for r in rs)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Gap share = (row - partial) / (full - partial), Total mAP50, means over the recorded seeds; "
+    lines += ["", "Gap share = (row - partial) / (full - partial), Total mAP50, means over the row's recorded seeds, "
+              "partial and full taken on the same seeds where they have them; "
               "± is the sample standard deviation over seeds. The paper (BDD100K, YOLOv5-L, 640 px): "
               + ", ".join(f"{k} {v:.3f}" for k, v in PAPER.items())
               + f"; FedSTO recovers {gap_share(PAPER['fedsto'], PAPER['partial'], PAPER['full']):.0%} of the gap.", ""]
