@@ -55,33 +55,36 @@ def canvas_shape(h: int, w: int, imgsz: int, rect_pad: float | None = None) -> t
     return tuple(int(math.ceil(side / long * imgsz / STRIDE + rect_pad)) * STRIDE for side in (h, w))
 
 
-def letterbox(image: np.ndarray, imgsz: int, rect_pad: float | None = None) -> tuple[np.ndarray, float, tuple[int, int]]:
+def letterbox(image: np.ndarray, imgsz: int, rect_pad: float | None = None) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
     """Scale the long side to ``imgsz`` and pad to the canvas (see :func:`canvas_shape`), centred.
 
-    Returns (image, scale, (pad_x, pad_y)).
+    Returns (image, (resized_h, resized_w), (pad_x, pad_y)).
     """
     h, w = image.shape[:2]
     scale = imgsz / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    # Ultralytics' own resize (``BaseDataset.load_image``: sides rounded up, bilinear both ways), so
+    # the model sees the very pixels ``val()`` and Ultralytics' trainer give it. INTER_AREA, smoother
+    # when shrinking, put our mAP 0.01-0.025 above ``val()``'s on 640 px road images at 160 px.
+    nh, nw = min(math.ceil(h * scale), imgsz), min(math.ceil(w * scale), imgsz)
     if (nh, nw) != (h, w):
-        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
     ch, cw = canvas_shape(h, w, imgsz, rect_pad)
     pad_y, pad_x = (ch - nh) // 2, (cw - nw) // 2
     out = np.full((ch, cw, 3), PAD_VALUE, np.uint8)
     out[pad_y:pad_y + nh, pad_x:pad_x + nw] = image
-    return out, scale, (pad_x, pad_y)
+    return out, (nh, nw), (pad_x, pad_y)
 
 
-def letterbox_boxes(boxes: np.ndarray, shape: tuple[int, int], scale: float, pad: tuple[int, int],
+def letterbox_boxes(boxes: np.ndarray, resized: tuple[int, int], pad: tuple[int, int],
                     canvas: tuple[int, int]) -> np.ndarray:
-    """Map normalised ``xywh`` boxes of an ``(h, w)`` image to the normalised ``(height, width)`` canvas."""
-    h, w = shape
+    """Map normalised ``xywh`` boxes of an image resized to ``(h, w)`` into the normalised ``(height, width)`` canvas."""
+    h, w = resized
     ch, cw = canvas
     out = boxes.astype(np.float32).copy()
-    out[:, 0] = (out[:, 0] * w * scale + pad[0]) / cw
-    out[:, 1] = (out[:, 1] * h * scale + pad[1]) / ch
-    out[:, 2] = out[:, 2] * w * scale / cw
-    out[:, 3] = out[:, 3] * h * scale / ch
+    out[:, 0] = (out[:, 0] * w + pad[0]) / cw
+    out[:, 1] = (out[:, 1] * h + pad[1]) / ch
+    out[:, 2] = out[:, 2] * w / cw
+    out[:, 3] = out[:, 3] * h / ch
     return out
 
 
@@ -107,7 +110,7 @@ class LetterboxCache:
         self.max_bytes = max_bytes
         self.nbytes = 0
         self.reads = 0
-        self._images: OrderedDict[str, tuple[np.ndarray, tuple[int, int], float, tuple[int, int]]] = OrderedDict()
+        self._images: OrderedDict[str, tuple[np.ndarray, tuple[int, int], tuple[int, int]]] = OrderedDict()
 
     @property
     def count(self) -> int:
@@ -123,8 +126,8 @@ class LetterboxCache:
 
     def boxes(self, path: str, boxes: np.ndarray) -> np.ndarray:
         """Boxes of ``path`` (normalised to the original image) in the letterboxed frame."""
-        image, shape, scale, pad = self._entry(path)
-        return letterbox_boxes(boxes, shape, scale, pad, image.shape[:2])
+        image, resized, pad = self._entry(path)
+        return letterbox_boxes(boxes, resized, pad, image.shape[:2])
 
     def _entry(self, path: str):
         entry = self._images.get(path)
@@ -133,8 +136,8 @@ class LetterboxCache:
             return entry
         image = read_rgb(path)
         self.reads += 1
-        boxed, scale, pad = letterbox(image, self.imgsz, self.rect_pad)
-        entry = (boxed, image.shape[:2], scale, pad)
+        entry = letterbox(image, self.imgsz, self.rect_pad)
+        boxed = entry[0]
         self._images[path] = entry
         self.nbytes += boxed.nbytes
         while self.max_bytes is not None and self.nbytes > self.max_bytes and len(self._images) > 1:

@@ -2,10 +2,10 @@
 
 Predictions and ground truth are compared in the letterboxed frame: letterboxing is a uniform
 scale plus a shift, which leaves IoU unchanged, so no mapping back to the original image is needed.
-Evaluation reproduces Ultralytics' ``val()`` at its defaults: the same canvas (rectangular, half a
-stride of padding, :func:`detection.images.evaluation_cache`), the same NMS (conf 0.001, IoU 0.7,
-300 boxes, several labels per box) and the same AP code, so ``YOLO(model.pt).val(imgsz=...)``
-reports the same mAP50 per domain (``tests/test_ultralytics_val.py``).
+Evaluation reproduces Ultralytics' ``val()`` at its defaults: the same resize and canvas
+(bilinear, rectangular, half a stride of padding, :func:`detection.images.evaluation_cache`), the
+same NMS (conf 0.001, IoU 0.7, 300 boxes, several labels per box) and the same AP code, so
+``YOLO(model.pt).val(imgsz=...)`` reports the same mAP50 per domain (``tests/test_ultralytics_val.py``).
 ``Total`` is the unweighted mean over domains, the server's domain included (as in the paper).
 """
 

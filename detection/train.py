@@ -30,7 +30,8 @@ from detection.views import SCALE, TRANSLATE, apply_view, strong_view, supervise
 # Raise whenever a change to the training code changes what a training call does with the same
 # settings (augmentation, loss weighting, batching...): cached warm-ups of older versions are then
 # not reused (server/warmup_cache.py). 2: scale/translate augmentation, per-image regulariser.
-RECIPE_VERSION = 2
+# 3: images resized as Ultralytics resizes them (bilinear, sides rounded up; was INTER_AREA).
+RECIPE_VERSION = 3
 
 
 @dataclass

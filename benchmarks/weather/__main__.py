@@ -67,14 +67,20 @@ def build_federation(home: Path) -> Path:
     return build(records, class_names, manifest.parent, domain_rule="weather", **FEDERATION)
 
 
+def recipe_version() -> int:
+    """:data:`detection.train.RECIPE_VERSION`, the training code's behaviour a row ran with."""
+    from detection.train import RECIPE_VERSION
+
+    return RECIPE_VERSION
+
+
 def config_hash(scale: str, row: Row, manifest: Path) -> str:
     """What decides a row's result: the preset file, the row, the federation and the training recipe."""
-    from detection.train import RECIPE_VERSION
     from server.warmup_cache import file_sha256
 
     preset = ROOT / "presets" / f"{SCALES[scale].preset}.toml"
     parts = {"preset": preset.read_text(), "row": [row.method, sorted(row.run_config.items())],
-             "federation": file_sha256(manifest), "recipe": RECIPE_VERSION, "clients": NUM_CLIENTS}
+             "federation": file_sha256(manifest), "recipe": recipe_version(), "clients": NUM_CLIENTS}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -216,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if record is None:
             return 1
         record["config_hash"] = stamp
+        record["recipe"] = recipe_version()
         folder = results_dir(args.scale)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{row.name}.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -263,11 +263,15 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
     lines += [f"- {name}" for name in missing] or ["- (every row is recorded)"]
     lines += [f"- {name} again: recorded with an older configuration" for name in sorted(stale & set(records))]
     lines += [f"- {what}" for what in NOT_BUILT]
-    lines += ["", "## Runs", "", "| row | command | seed | finished | wall time | hardware | versions |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "Recipe: the training code's behaviour the row ran with (`RECIPE_VERSION` in "
+              "`detection/train.py`, whose comment says what each version changed); rows of different recipes "
+              "are not comparable.", "",
+              "| row | command | seed | recipe | finished | wall time | hardware | versions |", "|---|---|---|---|---|---|---|---|"]
     for name, rec in records.items():
         hw, v = rec["hardware"], rec["versions"]
-        lines.append(f"| {name} | `{rec['command']}` | {rec['seed']} | {rec['finished']} | {_run_time(rec)} | "
-                     f"{hw['cpu']}, {hw['cores']} cores | torch {v['torch']}, flwr {v['flwr']}, ultralytics {v['ultralytics']} |")
+        lines.append(f"| {name} | `{rec['command']}` | {rec['seed']} | {rec.get('recipe', 'n/a')} | {rec['finished']} | "
+                     f"{_run_time(rec)} | {hw['cpu']}, {hw['cores']} cores | "
+                     f"torch {v['torch']}, flwr {v['flwr']}, ultralytics {v['ultralytics']} |")
     plots = write_plots(records, domains, folder) if records else []
     lines += ["", *(f"![{p.stem}]({p.name})" for p in plots), ""]
     out = folder / "RESULTS.md"
