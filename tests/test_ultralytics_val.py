@@ -39,7 +39,9 @@ def test_our_map_agrees_with_ultralytics_val_at_its_defaults(tmp_path, trained_d
     summary = (f"ours mAP50 {ours['map50']:.4f} mAP50-95 {ours['map50_95']:.4f}; "
                f"val() {theirs['map50']:.4f} / {theirs['map50_95']:.4f}")
     record_measurement(f"Ultralytics val() cross-check at {imgsz} px, images {stored_size or 'native'}: {summary}")
-    assert ours["map50"] > 0.05, summary  # a model that finds something, or agreement means little
+    # A model that finds something (an untrained one scores 0.000-0.001), or agreement means little.
+    # The fixture's detector scores 0.037-0.069 here depending on test order (tests/conftest.py).
+    assert ours["map50"] > 0.02, summary
     assert ours["map50"] == pytest.approx(theirs["map50"], abs=0.02), summary
     assert ours["map50_95"] == pytest.approx(theirs["map50_95"], abs=0.02), summary
 
