@@ -73,6 +73,26 @@ def test_seeds_are_compared_within_a_seed_and_only_where_all_three_rows_ran(weat
     assert "| 50% |" in text.split("| fedsto-st | 1 |")[1].splitlines()[0]
 
 
+def test_rows_of_an_older_configuration_are_reported_apart_and_never_mixed_with_current_ones(weather_federation, tmp_path):
+    def rec(name, seed, total):
+        return fake_record(name, seed, {"clear": total, "rainy": total, "night": total})
+
+    records = {"partial": rec("partial", 1, 0.30), "full": rec("full", 1, 0.50),  # current
+               "partial-seed2": rec("partial-seed2", 2, 0.10), "fedsto": rec("fedsto", 1, 0.45)}  # stale
+    text = write_report("cpu", records, weather_federation, folder=tmp_path,
+                        stale=frozenset({"partial-seed2", "fedsto"})).read_text()
+    current, older = text.split("## Recorded with an older configuration")
+    # partial's seed mean leaves out the stale seed 2 (0.20 with it)
+    assert "| partial | 1 | 0.300 | 0.300 | 0.300 | 0.300 |" in current
+    assert "| fedsto |" not in current and "Not all four rows" in current
+    older = older.split("## Agreement")[0]
+    # the stale fedsto has no partial or full of its own configuration: no gap share against current rows
+    assert "| fedsto | 1 | 0.450 | 0.450 | 0.450 | 0.450 | 0.225 | n/a |" in older
+    assert "| partial | 2 | 0.100 |" in older
+    assert "- fedsto again: recorded with an older configuration" in text
+    assert "- fedsto (older configuration): largest per-domain difference" in text
+
+
 def test_teacher_sweeps_are_reported_warm_ups_first(weather_federation, tmp_path):
     def sweep(kind, recall):
         at = {"reliable_per_image": 0.5, "true_per_image": 2.0, "precision": 0.8, "recall": recall}
@@ -84,6 +104,16 @@ def test_teacher_sweeps_are_reported_warm_ups_first(weather_federation, tmp_path
                         sweeps={"teacher_sweep-a-model": sweep("model", 0.25), "teacher_sweep-z-warmup": sweep("warm-up", 0.125)}).read_text()
     assert text.index("Teacher sweep `z-warmup`: the warm-up.") < text.index("Teacher sweep `a-model`: the model.")
     assert "| foggy (client 0), 7 | 2.00 | 0.50: 0.80 / 0.125 | 0.50: 0.80 / 0.125 |" in text
+
+    # a sweep measured with another recipe goes to the older section
+    old = dict(sweep("warm-up", 0.125), recipe=2)
+    text = write_report("cpu", {"partial": fake_record("partial", 1, {"clear": 0.3, "rainy": 0.2, "night": 0.1})},
+                        weather_federation, folder=tmp_path, recipe=3,
+                        sweeps={"teacher_sweep-new": dict(sweep("warm-up", 0.25), recipe=3),
+                                "teacher_sweep-old": old}).read_text()
+    current, older = text.split("## Recorded with an older configuration")
+    assert "Teacher sweep `new`" in current and "Teacher sweep `old`" not in current
+    assert "Teacher sweep `old`" in older.split("## Agreement")[0]
 
 
 def test_row_commands_carry_the_piece_limit_and_resume(tmp_path):

@@ -238,7 +238,8 @@ def report(scale: str, manifest: Path, console) -> Path:
 
     have = recorded(scale)
     stale = frozenset(r.name for r in ROWS if r.name in have and have[r.name].get("config_hash") != config_hash(scale, r, manifest))
-    return write_report(scale, have, manifest, console, stale=stale, sweeps=recorded(scale, "sweeps"))
+    return write_report(scale, have, manifest, console, stale=stale, sweeps=recorded(scale, "sweeps"),
+                        recipe=recipe_version())
 
 
 if __name__ == "__main__":

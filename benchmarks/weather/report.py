@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 # The paper's Table (BDD100K, non-IID, mAP50 Total) for reference.
 PAPER = {"partial": 0.511, "ssfl": 0.558, "fedsto": 0.593, "full": 0.605}
 AGREEMENT = 0.02  # |ours - val()| per domain allowed where clear mAP50 >= 0.3
+OLDER = " (older configuration)"
 
 
 def gap_share(value: float, partial: float, full: float) -> float | None:
@@ -99,6 +100,88 @@ def _run_time(rec: Mapping) -> str:
     return text
 
 
+def _results_lines(records: Mapping[str, dict], domains: list[str]) -> list[str]:
+    """The results table (one line per family: seed means, gap share, val() column, run time)."""
+    fams = families(records)
+    header = ["row", "seeds", *domains, "Total mAP50", "Total mAP50-95", "gap share", "val() mAP50 per domain (seed mean)",
+              "run time"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    totals = {f: [r["final"]["Total"]["map50"] for r in rs] for f, rs in fams.items()}
+
+    def same_seed_mean(ref: str, seeds: set[int]) -> float | None:
+        """``ref``'s Total over the given seeds where it has them (a row on seed 1 is set against partial's seed 1)."""
+        if ref not in fams:
+            return None
+        values = [r["final"]["Total"]["map50"] for r in fams[ref] if r["seed"] in seeds] or totals[ref]
+        return float(np.mean(values))
+
+    for fam, rs in fams.items():
+        seeds = {r["seed"] for r in rs}
+        partial, full = same_seed_mean("partial", seeds), same_seed_mean("full", seeds)
+        share = gap_share(float(np.mean(totals[fam])), partial, full) if partial is not None and full is not None else None
+        vals = [r.get("ultralytics_val_map50") or {} for r in rs]
+        val = {d: float(np.mean([v[d] for v in vals])) for d in domains if all(d in v for v in vals)}  # seed mean
+        cells = [fam, ",".join(str(r["seed"]) for r in rs),
+                 *(_mean_spread([r["final"][d]["map50"] for r in rs]) for d in domains),
+                 _mean_spread(totals[fam]), _mean_spread([r["final"]["Total"]["map50_95"] for r in rs]),
+                 f"{round(share, 2) + 0.0:.0%}" if share is not None else "n/a",  # + 0.0: never "-0%"
+                 " ".join(f"{val[d]:.3f}" for d in domains if d in val) or "n/a",
+                 " + ".join(_run_time(r) for r in rs)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Gap share = (row - partial) / (full - partial), Total mAP50, means over the row's recorded seeds, "
+                    "partial and full taken on the same seeds where they have them; "
+                    "± is the sample standard deviation over seeds. The paper (BDD100K, YOLOv5-L, 640 px): "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in PAPER.items())
+                    + f"; FedSTO recovers {gap_share(PAPER['fedsto'], PAPER['partial'], PAPER['full']):.0%} of the gap.", ""]
+
+
+def _ordering_lines(records: Mapping[str, dict]) -> list[str]:
+    """Whether partial < ssfl < fedsto <= full holds on the seed means, and the per-seed comparison."""
+    fams = families(records)
+    totals = {f: [r["final"]["Total"]["map50"] for r in rs] for f, rs in fams.items()}
+    if all(k in totals for k in PAPER):
+        t = {k: float(np.mean(totals[k])) for k in PAPER}
+        holds = t["partial"] < t["ssfl"] < t["fedsto"] <= t["full"]
+        share = gap_share(t["fedsto"], t["partial"], t["full"])
+        lines = [f"Total mAP50: partial {t['partial']:.3f}, ssfl {t['ssfl']:.3f}, fedsto {t['fedsto']:.3f}, "
+                 f"full {t['full']:.3f}: the ordering **{'holds' if holds else 'does not hold'}**. "
+                 + (f"FedSTO recovers {share:.0%} of the partial-to-full gap (paper: 87%)." if share is not None
+                    else "There is no partial-to-full gap to share (full is not above partial).")]
+    else:
+        lines = ["Not all four rows (partial, full, ssfl, fedsto) are recorded yet."]
+    return lines + ["", *_seed_lines(fams)]
+
+
+def _evidence_lines(records: Mapping[str, dict]) -> list[str]:
+    """Teacher quality before round 1, pseudo-label quality per round, and how much one evaluation moves."""
+    fams = families(records)
+    if not fams:
+        return []
+    lines = ["Teacher quality before round 1 (reliable pseudo boxes per image, precision, recall, from the hidden "
+             "labels) and the reliable pseudo labels' precision and recall per round, for the rows with clients:", ""]
+    for fam, rs in fams.items():
+        for rec in rs:
+            label = fam if rec is rs[0] else f"{fam} (seed {rec['seed']})"
+            if rec.get("teacher_check"):
+                clients = rec["teacher_check"].get("clients", {})
+                lines.append(f"- **{label}** before round 1: " + "; ".join(
+                    f"{c.get('domain')} {c.get('reliable_per_image', 0):.2f} boxes/img (precision "
+                    f"{c.get('reliable_precision', float('nan')):.2f}, recall {c.get('reliable_recall', float('nan')):.2f})"
+                    for c in clients.values()))
+            if rec.get("pseudo"):
+                lines.append("  - reliable pseudo labels by round, precision / recall (boxes per image): "
+                             + ", ".join(f"{q['round']}: {q.get('reliable_precision', float('nan')):.2f} / "
+                                         f"{q.get('reliable_recall', float('nan')):.2f} "
+                                         f"({q.get('reliable_per_image', float('nan')):.2f})" for q in rec["pseudo"]))
+    lines += ["", "How much one evaluation moves: Total mAP50 of the last three evaluated steps of each row (its first "
+              "recorded seed; the result is the last of them), mean ± sample standard deviation:", ""]
+    for fam, rs in fams.items():
+        last = [p["total_map50"] for p in rs[0].get("curve", [])][-3:]
+        if len(last) >= 2:
+            lines.append(f"- {fam}: {' '.join(f'{v:.3f}' for v in last)} → {np.mean(last):.3f} ± {np.std(last, ddof=1):.3f}")
+    return lines + [""]
+
+
 def write_plots(records: Mapping[str, dict], domains: list[str], folder: Path) -> list[Path]:
     import matplotlib
 
@@ -146,16 +229,18 @@ def write_plots(records: Mapping[str, dict], domains: list[str], folder: Path) -
 
 
 def write_report(scale: str, records: Mapping[str, dict], manifest: Path, console=None, folder: Path = HERE,
-                 stale: frozenset[str] = frozenset(), sweeps: Mapping[str, dict] | None = None) -> Path:
+                 stale: frozenset[str] = frozenset(), sweeps: Mapping[str, dict] | None = None,
+                 recipe: int | None = None) -> Path:
     """Rewrite ``RESULTS.md`` (and its plots) in ``folder`` for ``scale`` from ``records``.
 
-    ``stale`` names recorded rows whose configuration has changed since (marked, and listed as to run again).
+    ``stale`` names recorded rows whose configuration has changed since: they get a section of their own,
+    are set only against each other (a gap share never mixes recipes), and are listed as to run again.
+    Teacher sweeps measured with another training recipe than ``recipe`` go to that section too.
     """
     from detection.manifest_reader import Federation
 
     fed = Federation.load(manifest, check_files=False)
     domains = fed.domains
-    fams = families(records)
     sizes = fed.sizes()
     lines = [f"# Weather benchmark: FedSTO on real road images ({scale} scale)", "",
              "Written by `python -m benchmarks.weather` from the JSON files in "
@@ -169,75 +254,24 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
              "(the paper's). `val()` = `YOLO(model.pt).val(data=<domain test split>, imgsz=<training imgsz>)`, "
              "other arguments at their defaults.", ""]
 
-    header = ["row", "seeds", *domains, "Total mAP50", "Total mAP50-95", "gap share", "val() mAP50 per domain (seed mean)",
-              "run time"]
-    lines += ["## Results", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    totals = {f: [r["final"]["Total"]["map50"] for r in rs] for f, rs in fams.items()}
-    def same_seed_mean(ref: str, seeds: set[int]) -> float | None:
-        """``ref``'s Total over the given seeds where it has them (a row on seed 1 is set against partial's seed 1)."""
-        if ref not in fams:
-            return None
-        values = [r["final"]["Total"]["map50"] for r in fams[ref] if r["seed"] in seeds] or totals[ref]
-        return float(np.mean(values))
-
-    for fam, rs in fams.items():
-        seeds = {r["seed"] for r in rs}
-        partial, full = same_seed_mean("partial", seeds), same_seed_mean("full", seeds)
-        share = gap_share(float(np.mean(totals[fam])), partial, full) if partial is not None and full is not None else None
-        vals = [r.get("ultralytics_val_map50") or {} for r in rs]
-        val = {d: float(np.mean([v[d] for v in vals])) for d in domains if all(d in v for v in vals)}  # seed mean
-        old = [r["row"] for r in rs if r["row"] in stale]
-        cells = [fam + (f" (stale: {', '.join(old)} ran with an older configuration)" if old else ""),
-                 ",".join(str(r["seed"]) for r in rs),
-                 *(_mean_spread([r["final"][d]["map50"] for r in rs]) for d in domains),
-                 _mean_spread(totals[fam]), _mean_spread([r["final"]["Total"]["map50_95"] for r in rs]),
-                 f"{round(share, 2) + 0.0:.0%}" if share is not None else "n/a",  # + 0.0: never "-0%"
-                 " ".join(f"{val[d]:.3f}" for d in domains if d in val) or "n/a",
-                 " + ".join(_run_time(r) for r in rs)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Gap share = (row - partial) / (full - partial), Total mAP50, means over the row's recorded seeds, "
-              "partial and full taken on the same seeds where they have them; "
-              "± is the sample standard deviation over seeds. The paper (BDD100K, YOLOv5-L, 640 px): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in PAPER.items())
-              + f"; FedSTO recovers {gap_share(PAPER['fedsto'], PAPER['partial'], PAPER['full']):.0%} of the gap.", ""]
-
-    lines += ["## The paper's ordering: partial < ssfl < fedsto <= full", ""]
-    if all(k in totals for k in PAPER):
-        t = {k: float(np.mean(totals[k])) for k in PAPER}
-        holds = t["partial"] < t["ssfl"] < t["fedsto"] <= t["full"]
-        share = gap_share(t["fedsto"], t["partial"], t["full"])
-        lines.append(f"Total mAP50: partial {t['partial']:.3f}, ssfl {t['ssfl']:.3f}, fedsto {t['fedsto']:.3f}, "
-                     f"full {t['full']:.3f}: the ordering **{'holds' if holds else 'does not hold'}**. "
-                     + (f"FedSTO recovers {share:.0%} of the partial-to-full gap (paper: 87%)." if share is not None
-                        else "There is no partial-to-full gap to share (full is not above partial)."))
-    else:
-        lines.append("Not all four rows (partial, full, ssfl, fedsto) are recorded yet.")
-    lines += ["", *_seed_lines(fams)]
-    lines += ["Teacher quality before round 1 (reliable pseudo boxes per image, precision, recall, from the hidden "
-              "labels) and the reliable pseudo labels' precision and recall per round, for the rows with clients:", ""]
-    for fam, rs in fams.items():
-        for rec in rs:
-            label = fam if rec is rs[0] else f"{fam} (seed {rec['seed']})"
-            if rec.get("teacher_check"):
-                clients = rec["teacher_check"].get("clients", {})
-                lines.append(f"- **{label}** before round 1: " + "; ".join(
-                    f"{c.get('domain')} {c.get('reliable_per_image', 0):.2f} boxes/img (precision "
-                    f"{c.get('reliable_precision', float('nan')):.2f}, recall {c.get('reliable_recall', float('nan')):.2f})"
-                    for c in clients.values()))
-            if rec.get("pseudo"):
-                lines.append("  - reliable pseudo labels by round, precision / recall (boxes per image): "
-                             + ", ".join(f"{q['round']}: {q.get('reliable_precision', float('nan')):.2f} / "
-                                         f"{q.get('reliable_recall', float('nan')):.2f} "
-                                         f"({q.get('reliable_per_image', float('nan')):.2f})" for q in rec["pseudo"]))
-    lines.append("")
-    lines += _sweep_lines(sweeps or {})
-    lines += ["How much one evaluation moves: Total mAP50 of the last three evaluated steps of each row (its first "
-              "recorded seed; the result is the last of them), mean ± sample standard deviation:", ""]
-    for fam, rs in fams.items():
-        last = [p["total_map50"] for p in rs[0].get("curve", [])][-3:]
-        if len(last) >= 2:
-            lines.append(f"- {fam}: {' '.join(f'{v:.3f}' for v in last)} → {np.mean(last):.3f} ± {np.std(last, ddof=1):.3f}")
-    lines.append("")
+    current = {n: r for n, r in records.items() if n not in stale}
+    older = {n: r for n, r in records.items() if n in stale}
+    sweeps = sweeps or {}
+    older_sweeps = {n: s for n, s in sweeps.items() if recipe is not None and s.get("recipe") != recipe}
+    current_sweeps = {n: s for n, s in sweeps.items() if n not in older_sweeps}
+    lines += ["## Results", ""]
+    lines += (_results_lines(current, domains) if current
+              else ["No row is recorded with the current configuration yet (see Not yet run).", ""])
+    lines += ["## The paper's ordering: partial < ssfl < fedsto <= full", "", *_ordering_lines(current)]
+    lines += _evidence_lines(current)
+    lines += _sweep_lines(current_sweeps)
+    if older or older_sweeps:
+        lines += ["## Recorded with an older configuration", "",
+                  "These rows ran before a change of the preset, the federation or the training recipe (their recipe "
+                  "is in the Runs table). They are set only against each other here, never against the rows above, "
+                  "and each is listed under Not yet run to run again.", "",
+                  *(_results_lines(older, domains) if older else []), *(_ordering_lines(older) if older else []),
+                  *_evidence_lines(older), *_sweep_lines(older_sweeps)]
 
     lines += ["## Agreement with Ultralytics' val()", ""]
     for name, rec in records.items():
@@ -248,14 +282,15 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
             continue
         worst = max(diffs.values())
         verdict = ("within 0.02" if worst <= AGREEMENT else "NOT within 0.02") if clear >= 0.3 else "clear mAP50 < 0.3: not checked"
-        lines.append(f"- {name}: largest per-domain difference {worst:.3f} ({verdict})")
+        lines.append(f"- {name}{OLDER if name in stale else ''}: largest per-domain difference {worst:.3f} ({verdict})")
     lines.append("")
 
     personal = {n: r["personal"] for n, r in records.items() if r.get("personal")}
     if personal:
         lines += ["## Personalised models (each client's own model on its own domain)", ""]
         for name, per in personal.items():
-            lines.append(f"- {name}: " + ", ".join(f"{d} {m['map50']:.3f}" for d, m in per.items()))
+            lines.append(f"- {name}{OLDER if name in stale else ''}: "
+                         + ", ".join(f"{d} {m['map50']:.3f}" for d, m in per.items()))
         lines.append("")
 
     missing = [r.name for r in ROWS if r.name not in records]
@@ -272,7 +307,11 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
         lines.append(f"| {name} | `{rec['command']}` | {rec['seed']} | {rec.get('recipe', 'n/a')} | {rec['finished']} | "
                      f"{_run_time(rec)} | {hw['cpu']}, {hw['cores']} cores | "
                      f"torch {v['torch']}, flwr {v['flwr']}, ultralytics {v['ultralytics']} |")
-    plots = write_plots(records, domains, folder) if records else []
+    # The plots show the current rows; only while there are none, the older ones (and say so).
+    plots = write_plots(current or older, domains, folder) if records else []
+    if plots:
+        lines += ["", "Plots: " + ("the rows of the current configuration." if current
+                                   else "the rows of the older configuration (none of the current one yet).")]
     lines += ["", *(f"![{p.stem}]({p.name})" for p in plots), ""]
     out = folder / "RESULTS.md"
     out.write_text("\n".join(lines))

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--about", default="", help="one line on what the model is, for RESULTS.md")
     args = parser.parse_args(argv)
     console = Console()
-    from benchmarks.weather.__main__ import build_federation, recorded, results_dir
+    from benchmarks.weather.__main__ import build_federation, recipe_version, recorded, results_dir
     from detection.ultralytics_env import fedsto_home
 
     if args.warmup_of:
@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     out = results_dir(args.scale) / "sweeps" / f"teacher_sweep-{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks.weather.teacher_sweep", *(argv if argv is not None else sys.argv[1:])])
+    # The recipe of the code that measured (its letterbox decides the pixels the model sees).
     out.write_text(json.dumps({"command": command, "model": str(args.model), "kind": kind, "about": args.about,
+                               "recipe": recipe_version(),
                                "nms_conf": args.nms_conf, "imgsz": args.imgsz,
                                "seconds": round(time.perf_counter() - start, 1), "clients": results}, indent=1) + "\n")
     console.print(f"wrote {out} ({time.perf_counter() - start:.0f} s)")
