@@ -100,13 +100,21 @@ def _run_time(rec: Mapping) -> str:
     return text
 
 
-def _results_lines(records: Mapping[str, dict], domains: list[str]) -> list[str]:
-    """The results table (one line per family: seed means, gap share, val() column, run time)."""
+def _comparison_lines(records: Mapping[str, dict], domains: list[str]) -> list[str]:
+    """Rows comparable with each other: the results table, the paper's ordering, and the evidence."""
     fams = families(records)
+    if not fams:
+        return []
+    totals = {f: [r["final"]["Total"]["map50"] for r in rs] for f, rs in fams.items()}
+    return [*_results_lines(fams, totals, domains), "### The paper's ordering: partial < ssfl < fedsto <= full", "",
+            *_ordering_lines(fams, totals), *_evidence_lines(fams)]
+
+
+def _results_lines(fams: Mapping[str, list[dict]], totals: Mapping[str, list[float]], domains: list[str]) -> list[str]:
+    """The results table (one line per family: seed means, gap share, val() column, run time)."""
     header = ["row", "seeds", *domains, "Total mAP50", "Total mAP50-95", "gap share", "val() mAP50 per domain (seed mean)",
               "run time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    totals = {f: [r["final"]["Total"]["map50"] for r in rs] for f, rs in fams.items()}
 
     def same_seed_mean(ref: str, seeds: set[int]) -> float | None:
         """``ref``'s Total over the given seeds where it has them (a row on seed 1 is set against partial's seed 1)."""
@@ -135,10 +143,8 @@ def _results_lines(records: Mapping[str, dict], domains: list[str]) -> list[str]
                     + f"; FedSTO recovers {gap_share(PAPER['fedsto'], PAPER['partial'], PAPER['full']):.0%} of the gap.", ""]
 
 
-def _ordering_lines(records: Mapping[str, dict]) -> list[str]:
+def _ordering_lines(fams: Mapping[str, list[dict]], totals: Mapping[str, list[float]]) -> list[str]:
     """Whether partial < ssfl < fedsto <= full holds on the seed means, and the per-seed comparison."""
-    fams = families(records)
-    totals = {f: [r["final"]["Total"]["map50"] for r in rs] for f, rs in fams.items()}
     if all(k in totals for k in PAPER):
         t = {k: float(np.mean(totals[k])) for k in PAPER}
         holds = t["partial"] < t["ssfl"] < t["fedsto"] <= t["full"]
@@ -152,11 +158,8 @@ def _ordering_lines(records: Mapping[str, dict]) -> list[str]:
     return lines + ["", *_seed_lines(fams)]
 
 
-def _evidence_lines(records: Mapping[str, dict]) -> list[str]:
+def _evidence_lines(fams: Mapping[str, list[dict]]) -> list[str]:
     """Teacher quality before round 1, pseudo-label quality per round, and how much one evaluation moves."""
-    fams = families(records)
-    if not fams:
-        return []
     lines = ["Teacher quality before round 1 (reliable pseudo boxes per image, precision, recall, from the hidden "
              "labels) and the reliable pseudo labels' precision and recall per round, for the rows with clients:", ""]
     for fam, rs in fams.items():
@@ -259,19 +262,15 @@ def write_report(scale: str, records: Mapping[str, dict], manifest: Path, consol
     sweeps = sweeps or {}
     older_sweeps = {n: s for n, s in sweeps.items() if recipe is not None and s.get("recipe") != recipe}
     current_sweeps = {n: s for n, s in sweeps.items() if n not in older_sweeps}
-    lines += ["## Results", ""]
-    lines += (_results_lines(current, domains) if current
-              else ["No row is recorded with the current configuration yet (see Not yet run).", ""])
-    lines += ["## The paper's ordering: partial < ssfl < fedsto <= full", "", *_ordering_lines(current)]
-    lines += _evidence_lines(current)
+    lines += ["## Results", "", *(_comparison_lines(current, domains)
+                                  or ["No row is recorded with the current configuration yet (see Not yet run).", ""])]
     lines += _sweep_lines(current_sweeps)
     if older or older_sweeps:
         lines += ["## Recorded with an older configuration", "",
                   "These rows ran before a change of the preset, the federation or the training recipe (their recipe "
                   "is in the Runs table). They are set only against each other here, never against the rows above, "
                   "and each is listed under Not yet run to run again.", "",
-                  *(_results_lines(older, domains) if older else []), *(_ordering_lines(older) if older else []),
-                  *_evidence_lines(older), *_sweep_lines(older_sweeps)]
+                  *_comparison_lines(older, domains), *_sweep_lines(older_sweeps)]
 
     lines += ["## Agreement with Ultralytics' val()", ""]
     for name, rec in records.items():
